@@ -1,0 +1,567 @@
+"""The multi-task training loop.
+
+`train(config, output_dir, callbacks=..., control=...)` runs one job: it builds the model, data,
+strategies and optimizer from the config, resumes from the last complete checkpoint in
+`output_dir` when there is one, trains, evaluates, checkpoints, and exports the model.
+
+One optimizer step::
+
+    pooled = encoder(batch)                    one forward through the shared encoder
+    losses = {task: CE(head_task(pooled))}     tasks with labels in this batch only
+    total, w = weighting.combine(losses)       sum / static / uncertainty / dwa / rlw / gradnorm
+    backward:
+      plain        total.backward()
+      task grads   g_t = dL_t/d pooled (through the small heads only), then one encoder backward
+                   with gradient.combine([w_t g_t]) (PCGrad/MGDA at representation level),
+                   also used by GradNorm and by the sampled gradient-conflict cosine
+      parameters   dL_t/d theta_encoder for every task (one encoder backward per task)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtl.callbacks import Callback, CallbackList, TrainControl, TrainState
+from mtl.checkpoint import Checkpointer, rng_state, set_rng_state
+from mtl.config import TrainConfig
+from mtl.errors import TrainingError
+from mtl.export import export_model
+from mtl.metrics import RunningStats, classification_report, mean_over_tasks
+from mtl.model import MultiTaskModel, build_model, default_device
+from mtl.pipeline import Batch, TrainData, build_train_data
+from mtl.strategies import GradientStrategy, WeightingStrategy, build_gradient, build_weighting
+
+__all__ = ["TrainResult", "Trainer", "train"]
+
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+@dataclass
+class TrainResult:
+    outcome: str  # "completed" | "stopped"
+    state: TrainState
+    metrics: dict[str, Any] = field(default_factory=dict)  # {"validation": ..., "test": ...}
+    model_dir: Path | None = None
+
+
+def train(
+    config: TrainConfig,
+    output_dir: str | Path,
+    *,
+    callbacks: Sequence[Callback] = (),
+    control: TrainControl | None = None,
+    resolve: Callable[[str], Path] | None = None,
+    resume: bool = True,
+    max_batches: int | None = None,
+) -> TrainResult:
+    """Train `config` into `output_dir`. `max_batches` caps the run (CLI `--dry-run`)."""
+    trainer = Trainer(config, output_dir, callbacks=callbacks, resolve=resolve)
+    return trainer.fit(control=control, resume=resume, max_batches=max_batches)
+
+
+def _lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    sched = config.scheduler
+    warmup = sched.warmup_steps or int(sched.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if sched.name == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if sched.name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        output_dir: str | Path,
+        *,
+        callbacks: Sequence[Callback] = (),
+        resolve: Callable[[str], Path] | None = None,
+    ) -> None:
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.callbacks = CallbackList(list(callbacks))
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints")
+        self.task_names = config.task_names
+
+        self._seed_everything(config.seed)
+        self.device = default_device(config.device)
+        use_bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and self.device.type == "cuda"
+        )
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        )
+        self.precision = "bf16" if use_bf16 else "fp32"
+
+        needs_text = config.data.kind == "files"
+        self.model, self.tokenizer = build_model(
+            config.encoder, config.tasks, need_tokenizer=needs_text
+        )
+        self.model.to(self.device)
+        self.data: TrainData = build_train_data(config, self.tokenizer, resolve)
+        self.label_names = self.data.label_names
+        self.weighting: WeightingStrategy = build_weighting(config.weighting, self.task_names)
+        self.weighting.to(self.device)
+        self.gradient: GradientStrategy = build_gradient(config.gradient, self.task_names)
+        self.loss_fns = self._loss_functions()
+        self.optimizer = self._optimizer()
+        self.steps_per_epoch = self.data.steps_per_epoch(config.grad_accum_steps)
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(config, self.total_steps)
+        )
+        self.stats = RunningStats(self.task_names, self.device)
+        self.shared_params = [p for p in self.model.encoder.parameters() if p.requires_grad]
+        self.head_clips = [
+            (list(self.model.heads[t.name].parameters()), t.grad_clip)
+            for t in config.tasks
+            if t.grad_clip is not None
+        ]
+        self._pending_cosine: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------------------ set-up
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _loss_functions(self) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+        fns = {}
+        for task in self.config.tasks:
+            weight = None
+            if task.class_weights == "balanced":
+                counts = self.data.class_counts(task.name, task.n_classes).double()
+                # sklearn's "balanced": n_samples / (n_classes * count); unseen classes get 0.
+                weight = counts.sum() / (task.n_classes * counts.clamp(min=1))
+                weight = torch.where(counts > 0, weight, torch.zeros_like(weight)).float()
+            elif isinstance(task.class_weights, list):
+                weight = torch.tensor(task.class_weights, dtype=torch.float32)
+
+            def fn(
+                logits: Tensor,
+                target: Tensor,
+                w: Tensor | None = None if weight is None else weight.to(self.device),
+                smoothing: float = task.label_smoothing,
+            ) -> Tensor:
+                return F.cross_entropy(
+                    logits.float(), target, weight=w, label_smoothing=smoothing, ignore_index=-100
+                )
+
+            fns[task.name] = fn
+        return fns
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        opt = self.config.optimizer
+        encoder_lr = opt.encoder_lr or opt.lr
+        decay_ok = opt.name != "adam"  # Adam's L2 penalty is rarely wanted; AdamW/SGD decay
+        groups: list[dict[str, Any]] = []
+
+        def add(params: list[nn.Parameter], lr: float, name: str) -> None:
+            params = [p for p in params if p.requires_grad]
+            matrices = [p for p in params if p.ndim >= 2]
+            vectors = [p for p in params if p.ndim < 2]  # biases, LayerNorm: no decay
+            if matrices:
+                wd = opt.weight_decay if decay_ok else 0.0
+                groups.append({"params": matrices, "lr": lr, "weight_decay": wd, "name": name})
+            if vectors:
+                groups.append({"params": vectors, "lr": lr, "weight_decay": 0.0, "name": name})
+
+        add(list(self.model.encoder.parameters()), encoder_lr, "encoder")
+        for task in self.config.tasks:
+            add(list(self.model.heads[task.name].parameters()), task.lr or opt.lr, task.name)
+        extra = self.weighting.extra_parameters()
+        if extra:
+            lr = getattr(self.config.weighting, "lr", None) or opt.lr
+            groups.append({"params": extra, "lr": lr, "weight_decay": 0.0, "name": "weighting"})
+        # The fused (CUDA and CPU) or foreach implementations: the default per-tensor loop
+        # costs several percent of a step.
+        impl = {"fused": True} if self._fused_ok() else {"foreach": True}
+        if opt.name == "sgd":
+            return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, **impl)
+        cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+        return cls(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, **impl)
+
+    def _fused_ok(self) -> bool:
+        return self.device.type in ("cuda", "cpu")
+
+    # ------------------------------------------------------------------------------ loop
+
+    def fit(
+        self,
+        control: TrainControl | None = None,
+        resume: bool = True,
+        max_batches: int | None = None,
+    ) -> TrainResult:
+        control = control or TrainControl()
+        state = TrainState(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+        if resume and (path := self.checkpointer.latest()) is not None:
+            state = self._restore(path)
+            state.total_steps = self.total_steps
+            state.steps_per_epoch = self.steps_per_epoch
+        self.state = state
+        self.callbacks.on_train_begin(state, control)
+        outcome = "failed"
+        try:
+            outcome = self._loop(state, control, max_batches)
+        finally:
+            self.callbacks.on_train_end(state, outcome, control)
+        metrics: dict[str, Any] = {}
+        model_dir = None
+        if outcome == "completed":
+            metrics, model_dir = self._finish(state, control)
+        return TrainResult(outcome=outcome, state=state, metrics=metrics, model_dir=model_dir)
+
+    def _loop(self, state: TrainState, control: TrainControl, max_batches: int | None) -> str:
+        cfg = self.config
+        accum = cfg.grad_accum_steps
+        started = time.perf_counter() - state.elapsed
+        batches_run = 0
+        self.model.train()
+        while state.step < self.total_steps:
+            plan = self.data.epoch_plan(state.epoch)
+            group: list[Batch] = []
+            for index in range(state.batch_in_epoch, len(plan)):
+                group.append(plan[index])
+                last_of_epoch = index == len(plan) - 1
+                if len(group) < accum and not last_of_epoch:
+                    continue
+                self._optimizer_step(group, state)
+                batches_run += len(group)
+                state.batch_in_epoch = index + 1
+                group = []
+                state.step += 1
+                state.elapsed = time.perf_counter() - started
+                if state.step % cfg.log_every == 0 or state.step == self.total_steps:
+                    self._log(state, control)
+                if cfg.eval_every and state.step % cfg.eval_every == 0:
+                    self._evaluate_and_checkpoint(state, control)
+                elif (
+                    cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
+                ) or control.should_checkpoint:
+                    self._checkpoint(state, control, is_best=False)
+                control.should_checkpoint = False
+                self.callbacks.on_step_end(state, control)
+                if max_batches is not None and batches_run >= max_batches:
+                    return "completed"
+                if control.should_stop:
+                    return self._stop_outcome(state, control)
+                if state.step >= self.total_steps:
+                    break
+            # End of the epoch (or of the run, when max_steps falls mid-epoch).
+            if state.batch_in_epoch >= len(plan):
+                self.weighting.end_epoch()
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if not cfg.eval_every:
+                    self._evaluate_and_checkpoint(state, control)
+                if control.should_stop:  # early stopping decided at this evaluation
+                    return self._stop_outcome(state, control)
+        if state.batch_in_epoch != 0 and not cfg.eval_every:
+            self._evaluate_and_checkpoint(state, control)  # max_steps ended mid-epoch
+        return "completed"
+
+    @staticmethod
+    def _stop_outcome(state: TrainState, control: TrainControl) -> str:
+        """Early stopping completes the run (the best model is exported); any other stop
+        request (cancel, Ctrl-C) leaves it `stopped` with its last checkpoint."""
+        state.stop_reason = control.stop_reason
+        early = (control.stop_reason or "").startswith("early stopping")
+        return "completed" if early else "stopped"
+
+    def _optimizer_step(self, group: list[Batch], state: TrainState) -> None:
+        cfg = self.config
+        sample_cosine = (
+            cfg.grad_conflict_every > 0 and (state.step + 1) % cfg.grad_conflict_every == 0
+        )
+        all_finite = True
+        for batch in group:
+            finite = self._backward(batch, len(group), sample_cosine)
+            all_finite = all_finite and finite
+        if not all_finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            state.skipped_steps += 1
+            if cfg.nonfinite_loss == "stop" or state.skipped_steps > MAX_SKIPPED_IN_A_ROW:
+                raise TrainingError(
+                    f"the training loss became non-finite (NaN or inf) at step {state.step + 1}"
+                    + ("" if cfg.nonfinite_loss == "stop" else f" {state.skipped_steps} times")
+                )
+            return
+        state.skipped_steps = 0
+        for params, max_norm in self.head_clips:
+            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]],
+                cfg.grad_clip,
+                foreach=True,
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _backward(self, batch: Batch, accum: int, sample_cosine: bool) -> bool:
+        """Forward and backward one micro-batch; False when its loss is not finite."""
+        ids = batch.input_ids.to(self.device, non_blocking=True)
+        mask = batch.attention_mask.to(self.device, non_blocking=True)
+        labels = {t: y.to(self.device, non_blocking=True) for t, y in batch.labels.items()}
+        present = batch.present  # tasks with at least one label here (known on the host)
+        level = self.config.gradient.level
+        surgery = self.config.gradient.name != "none"
+        want_task_grads = surgery or self.weighting.needs_task_grads or sample_cosine
+        param_level = surgery and level == "parameters"
+
+        with self.autocast:
+            pooled = self.model.encoder(ids, mask)
+            detached = None
+            if want_task_grads and not param_level:
+                detached = pooled.detach().requires_grad_(True)
+                logits = self.model.forward_heads(detached)
+            else:
+                logits = self.model.forward_heads(pooled)
+        losses = {t: self.loss_fns[t](logits[t], labels[t]) for t in present}
+        total, weights = self.weighting.combine(losses)
+        if not bool(torch.isfinite(total)):
+            return False
+
+        for i, name in enumerate(self.task_names):
+            if name in losses:
+                y = labels[name]
+                valid = y != -100
+                correct = (logits[name].argmax(-1) == y)[valid].sum()
+                self.stats.add(i, losses[name], correct, batch.counts[name])
+        self.stats.add_total(total)
+        self.weighting.observe({t: loss.detach() for t, loss in losses.items()})
+
+        if not want_task_grads:
+            (total / accum).backward()
+            return True
+        if param_level:
+            self._backward_parameters(pooled, losses, weights, total, accum, sample_cosine)
+            return True
+        assert detached is not None
+        task_grads = {
+            t: torch.autograd.grad(losses[t], detached, retain_graph=True)[0] for t in present
+        }
+        if self.weighting.needs_task_grads:
+            flat = {t: g.flatten().float() for t, g in task_grads.items()}
+            self.weighting.update_from_grads({t: v.detach() for t, v in losses.items()}, flat)
+        if sample_cosine:
+            self._pending_cosine = _cosines({t: g.flatten() for t, g in task_grads.items()})
+        (total / accum).backward()  # heads and strategy parameters; stops at `detached`
+        if surgery:
+            stacked = torch.stack(
+                [weights[t].detach() * task_grads[t].flatten() for t in present]
+            ).float()
+            rep_grad = self.gradient.combine(stacked).view_as(pooled).to(pooled.dtype)
+        else:
+            rep_grad = detached.grad
+        if pooled.requires_grad:
+            pooled.backward(rep_grad / accum)
+        return True
+
+    def _backward_parameters(
+        self,
+        pooled: Tensor,
+        losses: dict[str, Tensor],
+        weights: dict[str, Tensor],
+        total: Tensor,
+        accum: int,
+        sample_cosine: bool,
+    ) -> None:
+        shared = self.shared_params
+        flat: dict[str, Tensor] = {}
+        for t, loss in losses.items():
+            grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+            flat[t] = torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).flatten()
+                    for g, p in zip(grads, shared, strict=True)
+                ]
+            )
+        if self.weighting.needs_task_grads:
+            self.weighting.update_from_grads({t: v.detach() for t, v in losses.items()}, flat)
+        if sample_cosine:
+            self._pending_cosine = _cosines(flat)
+        head_params = [p for p in self.model.heads.parameters() if p.requires_grad]
+        head_params += self.weighting.extra_parameters()
+        (total / accum).backward(inputs=head_params)
+        stacked = torch.stack([weights[t].detach().float() * g.float() for t, g in flat.items()])
+        combined = self.gradient.combine(stacked) / accum
+        offset = 0
+        for p in shared:
+            n = p.numel()
+            g = combined[offset : offset + n].view_as(p).to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
+            offset += n
+
+    # ---------------------------------------------------------------------- reporting
+
+    def _log(self, state: TrainState, control: TrainControl) -> None:
+        metrics = self.stats.flush()
+        metrics["weights"] = self.weighting.current_weights()
+        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        if self._pending_cosine is not None:
+            metrics["grad_cosine"] = self._pending_cosine
+            self._pending_cosine = None
+        self.callbacks.on_log(state, metrics, control)
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "validation") -> dict[str, Any] | None:
+        plan = self.data.eval_plan(split)
+        if plan is None:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        preds: dict[str, list[Tensor]] = {t: [] for t in self.task_names}
+        targets: dict[str, list[Tensor]] = {t: [] for t in self.task_names}
+        loss_sums = dict.fromkeys(self.task_names, 0.0)
+        for batch in plan:
+            ids = batch.input_ids.to(self.device)
+            mask = batch.attention_mask.to(self.device)
+            with self.autocast:
+                logits = self.model(ids, mask)
+            for t in batch.present:
+                y = batch.labels[t].to(self.device)
+                valid = y != -100
+                lg = logits[t].float()[valid]
+                yv = y[valid]
+                loss_sums[t] += float(F.cross_entropy(lg, yv, reduction="sum"))
+                preds[t].append(lg.argmax(-1).cpu())
+                targets[t].append(yv.cpu())
+        if was_training:
+            self.model.train()
+        reports = {}
+        for t in self.task_names:
+            p = torch.cat(preds[t]) if preds[t] else torch.zeros(0, dtype=torch.long)
+            y = torch.cat(targets[t]) if targets[t] else torch.zeros(0, dtype=torch.long)
+            loss = loss_sums[t] / max(int(y.numel()), 1)
+            reports[t] = classification_report(p, y, self.label_names[t], loss)
+        return {"split": split, "tasks": reports, "mean": mean_over_tasks(reports)}
+
+    def _monitored(self, metrics: dict[str, Any]) -> float:
+        scope, _, name = self.config.monitor.partition("/")
+        block = metrics["mean"] if scope == "mean" else metrics["tasks"][scope]
+        return float(block[name])
+
+    def _evaluate_and_checkpoint(self, state: TrainState, control: TrainControl) -> None:
+        metrics = self.evaluate("validation")
+        is_best = False
+        if metrics is not None:
+            value = self._monitored(metrics)
+            better = state.best_metric is None or (
+                value > state.best_metric + self._min_delta()
+                if self.config.monitor_mode == "max"
+                else value < state.best_metric - self._min_delta()
+            )
+            if better:
+                state.best_metric, state.best_step = value, state.step
+                state.evals_without_improvement = 0
+                is_best = True
+            else:
+                state.evals_without_improvement += 1
+            metrics["monitor"] = {"name": self.config.monitor, "value": value, "best": is_best}
+            self.callbacks.on_evaluate(state, metrics, control)
+            es = self.config.early_stopping
+            if es is not None and state.evals_without_improvement >= es.patience:
+                control.stop(
+                    f"early stopping: {self.config.monitor} did not improve for "
+                    f"{es.patience} evaluations (best {state.best_metric:.4f} at step "
+                    f"{state.best_step})"
+                )
+        self._checkpoint(state, control, is_best=is_best)
+
+    def _min_delta(self) -> float:
+        es = self.config.early_stopping
+        return es.min_delta if es is not None else 0.0
+
+    def _checkpoint(self, state: TrainState, control: TrainControl, *, is_best: bool) -> None:
+        path = self.checkpointer.save(
+            state=state,
+            model=self.model,
+            strategy=self.weighting,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra={"rng": rng_state(), "stats": self.stats.state_dict()},
+            config_json=self.config.model_dump_json(indent=1),
+            is_best=is_best,
+        )
+        self.callbacks.on_checkpoint(state, path, control)
+
+    def _restore(self, path: Path) -> TrainState:
+        loaded = self.checkpointer.load(
+            path, model=self.model, strategy=self.weighting, map_location=self.device
+        )
+        self.optimizer.load_state_dict(loaded.optimizer)
+        self.scheduler.load_state_dict(loaded.scheduler)
+        set_rng_state(loaded.extra["rng"])
+        self.stats.load_state_dict(loaded.extra["stats"])
+        return loaded.state
+
+    def _finish(self, state: TrainState, control: TrainControl) -> tuple[dict[str, Any], Path]:
+        """Export the best model (the last when nothing was monitored), score it on test."""
+        best = self.checkpointer.best()
+        if best is not None and state.best_step != state.step:
+            Checkpointer.load_weights(best, self.model, self.device)
+        metrics: dict[str, Any] = {"validation": None, "test": None}
+        if best is not None:
+            metrics["validation"] = self.evaluate("validation")
+        test = self.evaluate("test")
+        if test is not None:
+            metrics["test"] = test
+            self.callbacks.on_evaluate(state, test, control)
+        model_dir = export_model(
+            self.output_dir / "model",
+            self.model,
+            self.tokenizer,
+            self.config,
+            self.label_names,
+            extra={"metrics": {k: _summary(v) for k, v in metrics.items() if v is not None}},
+        )
+        (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return metrics, model_dir
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        t: {k: r[k] for k in ("accuracy", "macro_f1", "weighted_f1", "loss")}
+        for t, r in metrics["tasks"].items()
+    }
+
+
+def _cosines(grads: dict[str, Tensor]) -> dict[str, float]:
+    names = list(grads)
+    out = {}
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            a, b = grads[names[i]].float(), grads[names[j]].float()
+            out[f"{names[i]}|{names[j]}"] = float(F.cosine_similarity(a, b, dim=0, eps=1e-12))
+    return out
+
+
+def build_for_inference(config: TrainConfig) -> MultiTaskModel:
+    model, _ = build_model(config.encoder, config.tasks, need_tokenizer=False)
+    return model
