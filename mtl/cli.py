@@ -168,8 +168,8 @@ def validate(config: Annotated[Path, typer.Argument(help="YAML or JSON training 
         raise _fail(str(exc)) from None
     console.print(f"[green]ok[/]: {len(cfg.tasks)} tasks ({', '.join(cfg.task_names)})")
     if prepared is not None:
-        for split, sources in prepared.splits.items():
-            rows = sum(len(s.texts) for s in sources)
+        for split in ("train", "validation", "test"):
+            rows = sum(len(s) for s in prepared.split(split))
             console.print(f"  {split}: {rows} rows")
 
 

@@ -826,8 +826,8 @@ def _encode_source(
         if all(ids[i] == IGNORE_INDEX for ids in own):
             cols = [t.column for t in group.tasks]
             raise DataError(
-                "the row has no label for any task (columns "
-                f"{', '.join(map(repr, cols))} are all empty)",
+                f"the row has no label in {' or '.join(map(repr, cols))}; every row must label "
+                "at least one of the tasks its file serves",
                 file=file,
                 row=i + 1,
                 column=cols[0] if len(cols) == 1 else None,

@@ -41,7 +41,10 @@ def export_model(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.encoder.transformer.save_pretrained(tmp, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model.encoder.transformer.save_pretrained(tmp)
     if tokenizer is None and config.encoder.random_init is not None:
         # A random-init encoder trained on token ids: pair it with the tokenizer of
         # `encoder.model` (BERT's vocabulary by default) when that tokenizer fits its vocabulary.

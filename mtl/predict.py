@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,19 @@ from mtl.export import MTL_FILE
 from mtl.model import MultiTaskModel, SentenceEncoder
 
 __all__ = ["Predictor"]
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide the load report (e.g. BERT's unused pooler) that transformers logs."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 class Predictor:
@@ -39,7 +54,8 @@ class Predictor:
         except (OSError, ValueError) as exc:
             raise ModelError(f"{model_dir}: not an exported mtl model ({exc})") from exc
         try:
-            transformer = AutoModel.from_pretrained(model_dir)
+            with _quiet_transformers():
+                transformer = AutoModel.from_pretrained(model_dir)
             tokenizer = AutoTokenizer.from_pretrained(model_dir) if meta["has_tokenizer"] else None
         except (OSError, ValueError) as exc:
             raise ModelError(f"{model_dir}: cannot load the encoder: {exc}") from exc
