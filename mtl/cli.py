@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +39,17 @@ err_console = Console(stderr=True)
 def _fail(message: str, code: int = 2) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
+
+
+def relative_to(config_path: Path) -> Callable[[str], Path]:
+    """Resolve data paths in a config file relative to the file's own folder."""
+    base = config_path.resolve().parent
+
+    def resolve(source: str) -> Path:
+        path = Path(source).expanduser()
+        return path if path.is_absolute() else base / path
+
+    return resolve
 
 
 def _load(config_path: Path) -> TrainConfig:
@@ -139,6 +151,7 @@ def train(
             output,
             callbacks=[RichProgress()],
             control=control,
+            resolve=relative_to(config),
             resume=resume and not dry_run,
             max_batches=1 if dry_run else None,
         )
@@ -163,7 +176,7 @@ def validate(config: Annotated[Path, typer.Argument(help="YAML or JSON training 
 
     cfg = _load(config)
     try:
-        prepared = check_data(cfg)
+        prepared = check_data(cfg, relative_to(config))
     except MTLError as exc:
         raise _fail(str(exc)) from None
     console.print(f"[green]ok[/]: {len(cfg.tasks)} tasks ({', '.join(cfg.task_names)})")

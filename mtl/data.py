@@ -269,12 +269,12 @@ def dummy_datasets(config: TrainConfig) -> tuple[DummyMTLDataset, DummyMTLDatase
     if not isinstance(data, DummyData):
         raise TypeError("dummy_datasets needs data.kind='dummy'")
     tasks = {t.name: t.n_classes for t in config.tasks}
-    common = {"vocab_size": data.vocab_size, "tasks": tasks, "learnable": data.learnable}
-    train = DummyMTLDataset(data.num_samples, data.seq_len, seed=data.seed, **common)
-    evals = None
-    if data.eval_samples > 0:
-        evals = DummyMTLDataset(data.eval_samples, data.seq_len, seed=data.seed + 1, **common)
-    return train, evals
+
+    def make(n: int, seed: int) -> DummyMTLDataset:
+        return DummyMTLDataset(n, data.seq_len, data.vocab_size, tasks, data.learnable, seed)
+
+    train = make(data.num_samples, data.seed)
+    return train, (make(data.eval_samples, data.seed + 1) if data.eval_samples > 0 else None)
 
 
 # ------------------------------------------------------------------------------------ sampling

@@ -42,7 +42,8 @@ def _load_pretrained(name: str) -> tuple[nn.Module, Any]:
     try:
         # trust_remote_code stays off (the transformers default): only built-in architectures.
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path)
+        # fp32 master weights whatever the checkpoint stores; autocast handles bf16 on CUDA.
+        model = AutoModel.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load model {name!r}: {exc}") from exc
     return model, tokenizer

@@ -98,11 +98,11 @@ class TrainData:
             LengthGroupedBatchSampler(
                 s.lengths,
                 config.batch_size,
-                seed=config.seed,
+                seed=config.seed + i,  # decorrelate sources of the same size
                 shuffle=True,
                 group_by_length=config.length_grouping,
             )
-            for s in train
+            for i, s in enumerate(train)
         ]
 
     def _batches_per_source(self) -> list[int]:
