@@ -1,6 +1,6 @@
 """GPU check: the dummy example on CUDA with bf16 autocast, checkpoint/resume, predict.
 
-    python benchmarks/cuda_check.py        (needs a CUDA device; prints PASS lines)
+python benchmarks/cuda_check.py        (needs a CUDA device; prints PASS lines)
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     python benchmarks/strategy_comparison.py [--data-dir DIR] [--model PATH] [--out FILE]
                                              [--only NAME ...] [--smoke]
 
-Every variant starts from examples/womens_clothing.yaml and changes one thing: the weighting
+Every variant starts from examples/womens_clothing.yaml (sum of the losses, balanced class
+weights on sentiment) and changes one thing: the weighting
 strategy, the gradient strategy, the class weights, or the set of tasks (single-task runs
 measure interference). For each run it records test accuracy and macro-F1 per task, the best
 validation score, the mean and share-of-negative task-gradient cosines (the conflict
@@ -31,8 +32,9 @@ from mtl.config import load_config  # noqa: E402
 from mtl.trainer import train  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "sum": {},
+    "sum (the example: class weights on sentiment)": {},
     "sum, no class weights": {"tasks": "no_class_weights"},
+    "sum, class weights on both tasks": {"tasks": "both_class_weights"},
     "static 0.3/0.7": {"weighting": {"name": "static", "alpha": 0.3}},
     "uncertainty": {"weighting": {"name": "uncertainty"}},
     "dwa": {"weighting": {"name": "dwa", "temperature": 2.0}},
@@ -76,6 +78,9 @@ def build(variant: dict[str, Any], args: argparse.Namespace) -> Any:
     if tasks == "no_class_weights":
         for t in raw["tasks"]:
             t["class_weights"] = None
+    elif tasks == "both_class_weights":
+        for t in raw["tasks"]:
+            t["class_weights"] = "balanced"
     elif tasks is not None:
         raw["tasks"] = [t for t in raw["tasks"] if t["name"] == tasks]
     if args.smoke:
@@ -107,14 +112,18 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cos = recorder.cosines
     return {
         "variant": name,
-        "test": {t: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for t, m in test.items()},
+        "test": {
+            t: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for t, m in test.items()
+        },
         "best_validation": result.state.best_metric,
         "best_step": result.state.best_step,
         "steps": result.state.step,
         "cosine_mean": statistics.fmean(cos) if cos else None,
         "cosine_negative_share": (sum(c < 0 for c in cos) / len(cos)) if cos else None,
         "final_weights": recorder.weights[-1] if recorder.weights else None,
-        "step_time_ms": 1000 * statistics.median(recorder.step_times) if recorder.step_times else None,
+        "step_time_ms": 1000 * statistics.median(recorder.step_times)
+        if recorder.step_times
+        else None,
         "wall_s": wall,
     }
 
@@ -147,7 +156,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/womens_clothing_reviews"))
+    parser.add_argument(
+        "--data-dir", default=str(ROOT.parent / "shared/data/womens_clothing_reviews")
+    )
     parser.add_argument("--model", default=None, help="encoder path (default: bundled MiniLM)")
     parser.add_argument("--out", default="strategy_comparison.json")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run")

@@ -164,6 +164,7 @@ def train(
         raise typer.Exit(130 if result.state.stop_reason == "interrupted" else 0)
     if dry_run:
         console.print(f"[green]dry run ok[/]: one batch trained on {len(cfg.tasks)} tasks")
+        return
     if result.metrics.get("test"):
         console.print(metrics_table("test", result.metrics["test"]["tasks"]))
     console.print(f"[green]model exported to[/] {result.model_dir}")

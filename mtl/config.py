@@ -469,7 +469,10 @@ def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
     Raises `ConfigError` with a readable message naming the field on any problem.
     """
     if isinstance(source, dict):
-        return TrainConfig.model_validate(source)
+        try:
+            return TrainConfig.model_validate(source)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from exc
     path = Path(source)
     try:
         text = path.read_text(encoding="utf-8")

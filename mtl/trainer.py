@@ -225,14 +225,17 @@ class Trainer:
         self.state = state
         self.callbacks.on_train_begin(state, control)
         outcome = "failed"
-        try:
-            outcome = self._loop(state, control, max_batches)
-        finally:
-            self.callbacks.on_train_end(state, outcome, control)
         metrics: dict[str, Any] = {}
         model_dir = None
-        if outcome == "completed":
-            metrics, model_dir = self._finish(state, control)
+        try:
+            outcome = self._loop(state, control, max_batches)
+            if outcome == "completed" and max_batches is None:  # a dry run exports nothing
+                metrics, model_dir = self._finish(state, control)
+        except BaseException:
+            outcome = "failed"
+            raise
+        finally:
+            self.callbacks.on_train_end(state, outcome, control)
         return TrainResult(outcome=outcome, state=state, metrics=metrics, model_dir=model_dir)
 
     def _loop(self, state: TrainState, control: TrainControl, max_batches: int | None) -> str:
@@ -265,6 +268,9 @@ class Trainer:
                     self._checkpoint(state, control, is_best=False)
                 control.should_checkpoint = False
                 self.callbacks.on_step_end(state, control)
+                if control.should_stop and control.should_checkpoint:
+                    self._checkpoint(state, control, is_best=False)  # e.g. save, then cancel
+                    control.should_checkpoint = False
                 if max_batches is not None and batches_run >= max_batches:
                     return "completed"
                 if control.should_stop:
@@ -332,7 +338,7 @@ class Trainer:
         level = self.config.gradient.level
         surgery = self.config.gradient.name != "none"
         want_task_grads = surgery or self.weighting.needs_task_grads or sample_cosine
-        param_level = surgery and level == "parameters"
+        param_level = surgery and level == "parameters" and bool(self.shared_params)
 
         with self.autocast:
             pooled = self.model.encoder(ids, mask)
@@ -505,7 +511,11 @@ class Trainer:
             strategy=self.weighting,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            extra={"rng": rng_state(), "stats": self.stats.state_dict()},
+            extra={
+                "rng": rng_state(),
+                "stats": self.stats.state_dict(),
+                "pending_cosine": self._pending_cosine,
+            },
             config_json=self.config.model_dump_json(indent=1),
             is_best=is_best,
         )
@@ -519,6 +529,7 @@ class Trainer:
         self.scheduler.load_state_dict(loaded.scheduler)
         set_rng_state(loaded.extra["rng"])
         self.stats.load_state_dict(loaded.extra["stats"])
+        self._pending_cosine = loaded.extra.get("pending_cosine")
         return loaded.state
 
     def _finish(self, state: TrainState, control: TrainControl) -> tuple[dict[str, Any], Path]:
