@@ -131,8 +131,12 @@ def train(
     ),
     dry_run: Annotated[bool, typer.Option(help="run one batch, then stop")] = False,
     resume: Annotated[bool, typer.Option(help="resume from the last checkpoint in OUTPUT")] = True,
+    tensorboard: Annotated[
+        bool, typer.Option(help="write TensorBoard event files to OUTPUT/tensorboard")
+    ] = True,
 ) -> None:
     """Train a multi-task model from CONFIG."""
+    from mtl.tensorboard import TensorBoardCallback
     from mtl.trainer import train as run_training
 
     cfg = _load(config)
@@ -149,7 +153,10 @@ def train(
         result = run_training(
             cfg,
             output,
-            callbacks=[RichProgress()],
+            callbacks=[RichProgress()]
+            + (
+                [TensorBoardCallback(output / "tensorboard")] if tensorboard and not dry_run else []
+            ),
             control=control,
             resolve=relative_to(config),
             resume=resume and not dry_run,
