@@ -71,57 +71,82 @@ def mean_over_tasks(reports: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 class RunningStats:
-    """Per-task loss and accuracy summed between two training logs, kept on the device.
+    """Per-task loss, accuracy and macro-F1 between two training logs.
 
-    Adding a step costs a few tensor ops and no host sync; `flush()` syncs once per log.
+    `add` keeps tensors on the device (no host sync on the training step); `flush` syncs once
+    per log and computes the metrics (torchmetrics for F1).
     """
 
-    def __init__(self, task_names: list[str], device: torch.device) -> None:
+    def __init__(self, task_names: list[str], num_classes: list[int], device: torch.device):
         self.names = list(task_names)
+        self.num_classes = list(num_classes)
         self.device = device
         self.reset()
 
     def reset(self) -> None:
         t = len(self.names)
         self.loss_sum = torch.zeros(t, dtype=torch.float64, device=self.device)
-        self.correct = torch.zeros(t, dtype=torch.float64, device=self.device)
-        self.count = torch.zeros(t, dtype=torch.float64, device=self.device)
+        self.rows = torch.zeros(t, dtype=torch.float64, device=self.device)
         self.total_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.steps = 0
+        self.preds: list[list[Tensor]] = [[] for _ in self.names]
+        self.targets: list[list[Tensor]] = [[] for _ in self.names]
 
-    def add(self, index: int, loss: Tensor, correct: Tensor, count: Tensor) -> None:
-        """`loss` is the task's mean loss over `count` labelled rows."""
+    def add(self, index: int, loss: Tensor, preds: Tensor, target: Tensor) -> None:
+        """`loss` is the task's mean over its labelled rows; `target` holds -100 where a row has
+        no label for this task."""
+        count = (target != -100).sum()
         self.loss_sum[index] += loss.detach().double() * count
-        self.correct[index] += correct
-        self.count[index] += count
+        self.rows[index] += count
+        self.preds[index].append(preds)
+        self.targets[index].append(target)
 
     def add_total(self, total: Tensor) -> None:
         self.total_sum += total.detach().double()
         self.steps += 1
 
     def flush(self) -> dict[str, Any]:
-        stats = torch.stack([self.loss_sum, self.correct, self.count]).cpu()
+        sums = torch.stack([self.loss_sum, self.rows]).cpu()
         total = float(self.total_sum) / max(self.steps, 1)
         tasks = {}
         for i, name in enumerate(self.names):
-            c = float(stats[2, i])
-            if c > 0:
-                tasks[name] = {"loss": float(stats[0, i]) / c, "accuracy": float(stats[1, i]) / c}
+            n = float(sums[1, i])
+            if n <= 0:
+                continue
+            target = torch.cat(self.targets[i]).cpu()
+            preds = torch.cat(self.preds[i]).cpu()
+            keep = target != -100
+            target, preds = target[keep], preds[keep]
+            f1 = multiclass_f1_score(
+                preds, target, num_classes=self.num_classes[i], average="none", zero_division=0
+            )
+            seen = torch.bincount(target, minlength=self.num_classes[i]) > 0
+            seen |= torch.bincount(preds, minlength=self.num_classes[i]) > 0
+            tasks[name] = {
+                "loss": float(sums[0, i]) / n,
+                "accuracy": float((preds == target).double().mean()),
+                "macro_f1": float(f1[seen].mean()),
+            }
         self.reset()
         return {"tasks": tasks, "loss": total}
 
     def state_dict(self) -> dict[str, Any]:
+        def joined(parts: list[Tensor]) -> Tensor:
+            return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.long)
+
         return {
             "loss_sum": self.loss_sum.cpu(),
-            "correct": self.correct.cpu(),
-            "count": self.count.cpu(),
+            "rows": self.rows.cpu(),
             "total_sum": self.total_sum.cpu(),
             "steps": torch.tensor(self.steps),
+            "preds": [joined(p) for p in self.preds],
+            "targets": [joined(t) for t in self.targets],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss_sum = state["loss_sum"].to(self.device)
-        self.correct = state["correct"].to(self.device)
-        self.count = state["count"].to(self.device)
+        self.rows = state["rows"].to(self.device)
         self.total_sum = state["total_sum"].to(self.device)
         self.steps = int(state["steps"])
+        self.preds = [[p.to(self.device)] if p.numel() else [] for p in state["preds"]]
+        self.targets = [[t.to(self.device)] if t.numel() else [] for t in state["targets"]]

@@ -132,7 +132,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(config, self.total_steps)
         )
-        self.stats = RunningStats(self.task_names, self.device)
+        self.stats = RunningStats(self.task_names, [t.n_classes for t in config.tasks], self.device)
         self.shared_params = [p for p in self.model.encoder.parameters() if p.requires_grad]
         self.head_clips = [
             (list(self.model.heads[t.name].parameters()), t.grad_clip)
@@ -355,10 +355,7 @@ class Trainer:
 
         for i, name in enumerate(self.task_names):
             if name in losses:
-                y = labels[name]
-                valid = y != -100
-                correct = (logits[name].argmax(-1) == y)[valid].sum()
-                self.stats.add(i, losses[name], correct, batch.counts[name])
+                self.stats.add(i, losses[name], logits[name].detach().argmax(-1), labels[name])
         self.stats.add_total(total)
         self.weighting.observe({t: loss.detach() for t, loss in losses.items()})
 
