@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtl.callbacks import TrainState
+from mtl.errors import TrainingError
 
 __all__ = ["Checkpointer", "LoadedCheckpoint", "atomic_write_text", "rng_state", "set_rng_state"]
 
@@ -138,8 +139,38 @@ class Checkpointer:
     ) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{state.step:08d}"
-        final = self.dir / name
         tmp = self.dir / f".tmp-{name}-{os.getpid()}"
+        try:
+            self._write(tmp, state, model, strategy, optimizer, scheduler, extra, config_json)
+            final = self.dir / name
+            if final.exists():  # the same step saved twice (eval and periodic save coincide)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+            pointer = json.dumps({"name": name, "step": state.step})
+            atomic_write_text(self.dir / "last.json", pointer)
+            if is_best:
+                atomic_write_text(self.dir / "best.json", pointer)
+        except OSError as exc:
+            # Disk full, quota, I/O error: the previous checkpoint and pointers stay as they were.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(
+                f"cannot write checkpoint {name} in {self.dir}: {exc.strerror or exc}"
+            ) from exc
+        self._prune()
+        return final
+
+    def _write(
+        self,
+        tmp: Path,
+        state: TrainState,
+        model: nn.Module,
+        strategy: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        extra: dict[str, Any],
+        config_json: str,
+    ) -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -154,17 +185,6 @@ class Checkpointer:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # the same step saved twice (e.g. eval and periodic save coincide)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
-        atomic_write_text(self.dir / "last.json", json.dumps({"name": name, "step": state.step}))
-        if is_best:
-            atomic_write_text(
-                self.dir / "best.json", json.dumps({"name": name, "step": state.step})
-            )
-        self._prune()
-        return final
 
     def _prune(self) -> None:
         keep = {p.name for p in (self._pointer("last"), self._pointer("best")) if p is not None}

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +22,9 @@ from torch.testing import assert_close
 from mtl.callbacks import Callback, TrainControl, TrainState
 from mtl.checkpoint import Checkpointer
 from mtl.config import DWAWeighting, TrainConfig
+from mtl.errors import TrainingError
 from mtl.strategies import DWA
-from mtl.trainer import Trainer, TrainResult
+from mtl.trainer import Trainer, TrainResult, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -273,20 +278,103 @@ def test_a_failed_save_leaves_the_previous_checkpoint(
     good = _save(ckpt, 2)
     real_save = torch.save
 
-    def failing_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+    def disk_full(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
         if str(f).endswith("extra.pt"):
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(TrainingError, match=r"cannot write checkpoint step-00000004.*No space"):
         _save(ckpt, 4)
     monkeypatch.undo()
     assert ckpt.latest() == good
+    assert json.loads((tmp_path / "last.json").read_text())["name"] == "step-00000002"
     assert not (tmp_path / "step-00000004").exists()
-    assert [p.name for p in tmp_path.glob(".tmp-step-*")]  # the half-written save
+    assert not list(tmp_path.glob(".tmp-step-*"))  # the half-written save is cleaned up
     _save(ckpt, 6)
-    assert not list(tmp_path.glob(".tmp-step-*"))  # pruned by the next save
+    assert ckpt.latest() == tmp_path / "step-00000006"
+
+
+def test_disk_full_fails_the_run_with_a_reason_and_resume_continues(
+    make_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(checkpoint_every=3, epochs=2)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_after_two(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if str(f).endswith("optimizer.pt"):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_after_two)
+    with pytest.raises(TrainingError, match="No space left on device"):
+        train(config, tmp_path / "run")
+    monkeypatch.undo()
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
+    latest = ckpt.latest()
+    assert latest is not None and latest.name == "step-00000006"
+    resumed = train(config, tmp_path / "run")
+    straight = train(config, tmp_path / "straight")
+    assert resumed.outcome == "completed" and resumed.state.step == straight.state.step == 16
+    for name, tensor in last_checkpoint_tensors(tmp_path / "straight").items():
+        torch.testing.assert_close(
+            last_checkpoint_tensors(tmp_path / "run")[name], tensor, atol=1e-6, rtol=1e-5
+        )
+
+
+CRASH_SCRIPT = """
+import os, sys
+from pathlib import Path
+import torch
+import mtl.checkpoint as ck
+from mtl.config import TrainConfig
+from mtl.trainer import train
+import json
+
+torch.set_num_threads(1)  # the same as the test process: bit-for-bit comparable runs
+config = TrainConfig.model_validate(json.loads(sys.argv[1]))
+real_write = ck.Checkpointer._write
+count = {"n": 0}
+
+def crashing_write(self, tmp, *args, **kwargs):
+    count["n"] += 1
+    if count["n"] == 3:  # the third checkpoint: write the weights, then die like SIGKILL
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(b"half")
+        os._exit(137)
+    return real_write(self, tmp, *args, **kwargs)
+
+ck.Checkpointer._write = crashing_write
+train(config, Path(sys.argv[2]))
+"""
+
+
+def test_a_crash_mid_checkpoint_resumes_from_the_previous_one(
+    config_dict: Any, make_config: Any, tmp_path: Path, one_thread: None
+) -> None:
+    raw = config_dict(checkpoint_every=3, epochs=2)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, json.dumps(raw), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert list(ckpts.glob(".tmp-step-*")), "the crash should leave a half-written checkpoint"
+    ckpt = Checkpointer(ckpts)
+    assert ckpt.latest() == ckpts / "step-00000006"
+    config = make_config(checkpoint_every=3, epochs=2)
+    resumed = train(config, tmp_path / "run")
+    straight = train(config, tmp_path / "straight")
+    assert resumed.state.step == straight.state.step
+    for name, tensor in last_checkpoint_tensors(tmp_path / "straight").items():
+        torch.testing.assert_close(
+            last_checkpoint_tensors(tmp_path / "run")[name], tensor, atol=1e-6, rtol=1e-5
+        )
 
 
 def test_training_checkpoints_use_safe_formats(make_config: Any, tmp_path: Path) -> None:
