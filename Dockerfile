@@ -1,0 +1,76 @@
+# syntax=docker/dockerfile:1
+# Images of mtl-jobs (see docker-compose.yml):
+#   api         the REST API (CPU torch: it serves /predict)
+#   worker      the Celery training worker with CUDA-capable torch (PyPI's Linux wheels bundle
+#               the CUDA runtime; the host driver comes in through the NVIDIA container toolkit)
+#   worker-cpu  the same worker with CPU-only torch (much smaller)
+# All run as the unprivileged user `mtl` (uid 10001) and keep their data in /data.
+
+ARG PYTHON_VERSION=3.11
+
+# ------------------------------------------------------------------------------------- base
+FROM python:${PYTHON_VERSION}-slim-bookworm AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/venv/bin:$PATH
+RUN groupadd --gid 10001 mtl \
+    && useradd --uid 10001 --gid mtl --create-home --shell /usr/sbin/nologin mtl \
+    && mkdir -p /data \
+    && chown mtl:mtl /data
+
+# ------------------------------------------------------------------------------- build stages
+FROM base AS build-cpu
+RUN python -m venv /venv
+# CPU wheels of torch first, so that installing the project does not pull the CUDA build.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.10,<2.15"
+COPY pyproject.toml README.md /src/
+COPY mtl /src/mtl
+COPY app /src/app
+COPY worker /src/worker
+RUN pip install /src
+
+FROM base AS build-cuda
+RUN python -m venv /venv
+RUN pip install "torch>=2.10,<2.15"
+COPY pyproject.toml README.md /src/
+COPY mtl /src/mtl
+COPY app /src/app
+COPY worker /src/worker
+RUN pip install /src
+
+# ------------------------------------------------------------------------------- runtime images
+FROM base AS api
+COPY --from=build-cpu /venv /venv
+USER mtl
+WORKDIR /home/mtl
+ENV MTL_DATA_DIR=/data
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --retries=5 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"]
+CMD ["uvicorn", "--factory", "app.main:create_app", "--host", "0.0.0.0", "--port", "8000", \
+     "--proxy-headers", "--timeout-graceful-shutdown", "10"]
+
+FROM base AS worker-cpu
+COPY --from=build-cpu /venv /venv
+USER mtl
+WORKDIR /home/mtl
+ENV MTL_DATA_DIR=/data
+VOLUME ["/data"]
+CMD ["celery", "-A", "worker.celery_app", "worker", "--pool", "prefork", "-c", "1", \
+     "--prefetch-multiplier", "1", "--max-tasks-per-child", "1", "--without-gossip", \
+     "--without-mingle", "-l", "INFO"]
+
+FROM base AS worker
+COPY --from=build-cuda /venv /venv
+USER mtl
+WORKDIR /home/mtl
+ENV MTL_DATA_DIR=/data \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+VOLUME ["/data"]
+CMD ["celery", "-A", "worker.celery_app", "worker", "--pool", "prefork", "-c", "1", \
+     "--prefetch-multiplier", "1", "--max-tasks-per-child", "1", "--without-gossip", \
+     "--without-mingle", "-l", "INFO"]

@@ -1,0 +1,139 @@
+"""/v1/datasets: upload (CSV or JSONL), list, inspect, delete."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import IO, Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
+
+from app.api.deps import DatasetStoreDep, OwnerDep, SettingsDep
+from app.api.schemas import DatasetList, DatasetOut
+from app.core.errors import Invalid, NotFound, TooLarge
+from mtl.errors import DataError
+from worker.datasets import SOURCE_PREFIX, dataset_dir, new_dataset_id
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json-lines": "jsonl"}
+_CHUNK = 1024 * 1024
+
+
+def _store_upload(source: IO[bytes], target: Path, cap: int) -> int:
+    """Copy the upload to `target`, at most `cap` bytes; returns the size."""
+    size = 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as out:
+        while chunk := source.read(_CHUNK):
+            size += len(chunk)
+            if size > cap:
+                raise TooLarge(f"the file is larger than the upload cap of {cap} bytes")
+            out.write(chunk)
+    return size
+
+
+def _inspect(path: Path, fmt: str, source: str) -> dict[str, object]:
+    from mtl.datafiles import inspect_records, read_records
+
+    records = read_records(path, format=fmt, name=source)  # type: ignore[arg-type]
+    info = inspect_records(records, source).to_dict()
+    info.pop("source", None)
+    return info
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetOut,
+    summary="Upload a CSV or JSONL dataset",
+    responses={
+        413: {"description": "larger than the upload cap"},
+        422: {"description": "not a readable CSV/JSONL file; the message names row and column"},
+    },
+)
+async def upload_dataset(
+    file: Annotated[UploadFile, File(description="UTF-8 CSV with a header row, or JSONL")],
+    owner: OwnerDep,
+    store: DatasetStoreDep,
+    settings: SettingsDep,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+    format: Annotated[Literal["auto", "csv", "jsonl"], Form()] = "auto",
+) -> DatasetOut:
+    """Stores the file, checks that it parses, and reports its rows, columns and the
+    distinct values of every column (candidate labels). Jobs name it as `dataset:<id>`."""
+    fmt: str | None = format
+    if format == "auto":
+        fmt = _SUFFIXES.get(Path(file.filename or "").suffix.lower())
+        if fmt is None:
+            raise Invalid(
+                "cannot tell the format from the file name: use .csv or .jsonl, or set `format`",
+                ["body", "file"],
+            )
+    assert fmt is not None
+    dataset_id = new_dataset_id()
+    folder = dataset_dir(settings.data_dir, dataset_id)
+    path = folder / f"data.{fmt}"
+    source = f"{SOURCE_PREFIX}{dataset_id}"
+    try:
+        size = await anyio.to_thread.run_sync(
+            _store_upload, file.file, path, settings.max_upload_bytes
+        )
+        info = await anyio.to_thread.run_sync(_inspect, path, fmt, source)
+    except DataError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise Invalid(str(exc), ["body", "file"], "data_error") from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    record = await store.add(
+        owner,
+        dataset_id,
+        {
+            "source": source,
+            "name": name,
+            "filename": Path(file.filename or "").name or None,
+            "format": fmt,
+            "size_bytes": size,
+            **info,
+        },
+    )
+    return DatasetOut(**record)
+
+
+@router.get("", response_model=DatasetList, summary="List datasets (newest first)")
+async def list_datasets(
+    request: Request,
+    owner: OwnerDep,
+    store: DatasetStoreDep,
+    settings: SettingsDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> DatasetList:
+    limit = min(limit, settings.page_size_max)
+    records, total = await store.page(owner, offset, limit)
+    nxt = None
+    if offset + limit < total:
+        nxt = str(request.url.include_query_params(offset=offset + limit, limit=limit))
+    return DatasetList(
+        items=[DatasetOut(**r) for r in records], total=total, offset=offset, limit=limit, next=nxt
+    )
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset")
+async def get_dataset(dataset_id: str, owner: OwnerDep, store: DatasetStoreDep) -> DatasetOut:
+    record = await store.get(dataset_id, owner)
+    if record is None:
+        raise NotFound(f"dataset {dataset_id} not found")
+    return DatasetOut(**record)
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a dataset")
+async def delete_dataset(dataset_id: str, owner: OwnerDep, store: DatasetStoreDep) -> Response:
+    """Jobs still queued that name it will fail with a clear reason when they start."""
+    if not await store.delete(dataset_id, owner):
+        raise NotFound(f"dataset {dataset_id} not found")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

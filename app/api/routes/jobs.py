@@ -1,0 +1,436 @@
+"""/v1/jobs: submit, list, inspect, stream, cancel, delete, download, predict."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tarfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi.responses import FileResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from app.api.deps import (
+    CeleryDep,
+    DatasetStoreDep,
+    JobDep,
+    JobStoreDep,
+    OwnerDep,
+    PredictorsDep,
+    SettingsDep,
+)
+from app.api.schemas import (
+    CancelOut,
+    JobCreate,
+    JobList,
+    JobOut,
+    JobState,
+    Links,
+    MetricsOut,
+    PredictIn,
+    PredictOut,
+    Progress,
+    example_job,
+)
+from app.api.validation import check_model_name, check_sources
+from app.core.config import Settings
+from app.core.errors import Conflict, Invalid, NotFound
+from app.core.events import HubRegistry, follow
+from mtl.config import TrainConfig
+from mtl.errors import ModelError
+from worker.queue import enqueue
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_DROP_FROM_LATEST = ("per_class", "confusion_matrix")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _links(job_id: str) -> Links:
+    base = f"/v1/jobs/{job_id}"
+    return Links(
+        self=base,
+        events=f"{base}/events",
+        metrics=f"{base}/metrics",
+        cancel=f"{base}/cancel",
+        model=f"{base}/model",
+        predict=f"{base}/predict",
+    )
+
+
+def job_out(record: dict[str, Any], position: int | None = None) -> JobOut:
+    total = record.get("total_steps")
+    step = record.get("step") or 0
+    return JobOut(
+        id=record["id"],
+        name=record.get("name") or None,
+        state=record["state"],
+        attempt=record["attempt"],
+        max_attempts=record["max_attempts"],
+        restarts=record.get("restarts") or 0,
+        queue_position=position if record["state"] == "queued" else None,
+        created_at=record["created_at"],
+        started_at=record.get("started_at"),
+        finished_at=record.get("finished_at"),
+        progress=Progress(
+            step=step,
+            total_steps=total,
+            epoch=record.get("epoch"),
+            elapsed=record.get("elapsed"),
+            eta=record.get("eta"),
+            fraction=round(step / total, 4) if total else None,
+            updated_at=record.get("progress_at"),
+        ),
+        latest_metrics=record.get("latest") or {},
+        best_metrics=record.get("best") or {},
+        final_metrics=record.get("final_metrics"),
+        checkpoint_step=record.get("checkpoint_step"),
+        cancel_requested=record.get("cancel", False),
+        error=record.get("error") or None,
+        has_model=record.get("model", False),
+        links=_links(record["id"]),
+    )
+
+
+def _fingerprint(body: JobCreate) -> str:
+    return hashlib.sha256(body.model_dump_json().encode()).hexdigest()[:32]
+
+
+def _model_dir(record: dict[str, Any], settings: Settings) -> Path:
+    if record["state"] != "succeeded":
+        raise Conflict(
+            f"job {record['id']} is {record['state']}: a model exists once it has succeeded",
+            record["state"],
+        )
+    model_dir = settings.job_dir(record["id"]) / "model"
+    if not record.get("model") or not (model_dir / "mtl.json").is_file():
+        raise NotFound(f"job {record['id']} has no exported model")
+    return model_dir
+
+
+def _archive(model_dir: Path, target: Path, arcname: str) -> Path:
+    """model/ as a .tar.gz beside it (built once, atomically)."""
+    if target.is_file() and target.stat().st_mtime >= (model_dir / "mtl.json").stat().st_mtime:
+        return target
+    return _archive_dir(model_dir, target, arcname)
+
+
+def _archive_dir(folder: Path, target: Path, arcname: str) -> Path:
+    """`folder` as a .tar.gz at `target`, written atomically."""
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(folder, arcname=arcname)
+    tmp.replace(target)
+    return target
+
+
+# ------------------------------------------------------------------------------ routes
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    summary="Submit a training job",
+    responses={
+        409: {"description": "the Idempotency-Key is in use by a different request"},
+        422: {"description": "invalid config or datasets; `detail[].loc` names the field"},
+    },
+)
+async def submit_job(
+    request: Request,
+    body: Annotated[
+        JobCreate,
+        Body(
+            openapi_examples={
+                "two_task_dummy": {
+                    "summary": "Two tasks on dummy data (CPU, a few seconds)",
+                    "value": example_job(),
+                }
+            }
+        ),
+    ],
+    response: Response,
+    owner: OwnerDep,
+    jobs: JobStoreDep,
+    datasets: DatasetStoreDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="retrying with the same key returns the same job",
+        ),
+    ] = None,
+) -> JobOut:
+    """Validate the config and the datasets it names, then queue the job.
+
+    The body is the training config (the schema `mtl train` reads) with an optional `name`.
+    """
+    config = TrainConfig.model_validate(body.model_dump(exclude={"name"}))
+    check_model_name(config, settings)
+    await check_sources(config, owner, datasets, settings)
+    key = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
+    outcome, job_id, record, position = await jobs.create(
+        owner=owner,
+        name=body.name,
+        config_json=config.model_dump_json(),
+        max_attempts=settings.max_restarts + 1,
+        idempotency_key=key,
+        fingerprint=_fingerprint(body),
+    )
+    if outcome == "conflict":
+        raise Conflict("this Idempotency-Key was already used for a different request")
+    if record is None:  # an idempotent replay of a job deleted since
+        raise NotFound(f"job {job_id} not found")
+    if outcome == "created":
+        try:
+            # one dedicated publisher thread: a pool of threads contending for the GIL with
+            # the event loop shows up as tail latency
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                request.app.state.publisher, enqueue, celery, settings, job_id, 1
+            )
+            await jobs.mark_published(job_id, 1)
+        except Exception:  # the record is safe; the reaper publishes unconfirmed messages
+            log.exception("job %s: publishing failed; the reaper will retry", job_id)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return job_out(record, position)
+
+
+@router.get("", response_model=JobList, summary="List jobs (newest first)")
+async def list_jobs(
+    request: Request,
+    owner: OwnerDep,
+    jobs: JobStoreDep,
+    settings: SettingsDep,
+    state: JobState | None = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobList:
+    limit = min(limit, settings.page_size_max)
+    records, total = await jobs.page(owner, state, offset, limit)
+    positions = await jobs.queue_positions(r["id"] for r in records if r["state"] == "queued")
+    nxt = None
+    if offset + limit < total:
+        nxt = str(request.url.include_query_params(offset=offset + limit, limit=limit))
+    return JobList(
+        items=[job_out(r, positions.get(r["id"])) for r in records],
+        total=total,
+        offset=offset,
+        limit=limit,
+        next=nxt,
+    )
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="A job's state, progress and metrics")
+async def get_job(job: JobDep, jobs: JobStoreDep) -> JobOut:
+    position = None
+    if job["state"] == "queued":
+        position = (await jobs.queue_positions([job["id"]])).get(job["id"])
+    return job_out(job, position)
+
+
+@router.get("/{job_id}/config", summary="The job's training config")
+async def get_config(job: JobDep, jobs: JobStoreDep) -> dict[str, Any]:
+    raw = await jobs.load_config(job["id"])
+    if raw is None:
+        raise NotFound(f"job {job['id']} not found")
+    config: dict[str, Any] = json.loads(raw)
+    return config
+
+
+@router.get(
+    "/{job_id}/tensorboard",
+    response_class=FileResponse,
+    summary="The job's TensorBoard event files as a .tar.gz",
+    responses={200: {"content": {"application/gzip": {}}}, 409: {"description": "not yet"}},
+)
+async def download_tensorboard(job: JobDep, settings: SettingsDep) -> FileResponse:
+    """Open with `tar xzf ...; tensorboard --logdir tensorboard`."""
+    log_dir = settings.job_dir(job["id"]) / "tensorboard"
+    if not log_dir.is_dir():
+        raise Conflict(f"job {job['id']} has no TensorBoard files yet", job["state"])
+    target = settings.job_dir(job["id"]) / "tensorboard.tar.gz"
+    path = await anyio.to_thread.run_sync(_archive_dir, log_dir, target, "tensorboard")
+    return FileResponse(
+        path, media_type="application/gzip", filename=f"{job['id']}-tensorboard.tar.gz"
+    )
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsOut, summary="The metric history")
+async def get_metrics(
+    job: JobDep,
+    jobs: JobStoreDep,
+    task: Annotated[str | None, Query(max_length=64)] = None,
+    split: Literal["train", "validation", "test"] | None = None,
+    since_step: Annotated[int | None, Query(ge=0)] = None,
+) -> MetricsOut:
+    """Train logs (split `train`) and evaluations, one item per (kind, split, step).
+
+    A resumed attempt replaces what earlier attempts reported after its checkpoint, so no
+    step appears twice.
+    """
+    items = []
+    for raw in await jobs.metrics(job["id"], since_step):
+        event = json.loads(raw)
+        data = event["data"]
+        event_split = "train" if event["type"] == "log" else data.get("split", "validation")
+        if split is not None and event_split != split:
+            continue
+        if task is not None:
+            if task not in (data.get("tasks") or {}):
+                continue
+            data = {**data, "tasks": {task: data["tasks"][task]}}
+            data.pop("mean", None)
+        items.append({**event, "split": event_split, "data": data})
+    items.sort(key=lambda e: (e["step"], e["type"] != "log", e["time"]))
+    return MetricsOut(job_id=job["id"], items=items)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    summary="Server-sent events: logs, evaluations, checkpoints, state changes",
+)
+async def stream_events(
+    request: Request,
+    job: JobDep,
+    jobs: JobStoreDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            pattern=STREAM_ID.pattern,
+            description="resume after this event id",
+        ),
+    ] = None,
+    after: Annotated[
+        str | None,
+        Query(
+            pattern=STREAM_ID.pattern,
+            description="like Last-Event-ID, for clients that cannot set headers",
+        ),
+    ] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Every event has its Redis stream id as `id`: reconnect with `Last-Event-ID` to get
+    exactly the events missed. Comments keep idle connections alive; after the job reaches a
+    terminal state the stream sends `end` and closes."""
+    cursor = last_event_id or after or "0-0"
+    events_sent = request.app.state.metrics.events
+    hubs: HubRegistry = request.app.state.hubs
+    stream = follow(hubs, jobs, job["id"], cursor, settings.sse_keepalive_s)
+    async with contextlib.aclosing(stream) as entries:
+        async for entry in entries:
+            if entry is None:
+                yield ServerSentEvent(comment="keep-alive")
+                continue
+            entry_id, fields = entry
+            yield ServerSentEvent(id=entry_id, event=fields.get("t"), raw_data=fields.get("e"))
+            events_sent.inc()
+    state = await jobs.state(job["id"])
+    yield ServerSentEvent(event="end", data={"state": state})
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=CancelOut,
+    summary="Cancel a job",
+    responses={409: {"description": "the job already succeeded or failed"}},
+)
+async def cancel_job(job: JobDep, jobs: JobStoreDep) -> CancelOut:
+    """A queued job is cancelled at once (it never starts); a running one stops within one
+    training step and keeps its last checkpoint. Idempotent."""
+    outcome, previous = await jobs.cancel(job["id"])
+    if outcome == "missing":
+        raise NotFound(f"job {job['id']} not found")
+    if outcome == "finished":
+        raise Conflict(f"job {job['id']} already {previous}", previous)
+    return CancelOut(id=job["id"], state=outcome)  # type: ignore[arg-type]
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a finished job (its keys and files)",
+    responses={409: {"description": "the job has not finished"}},
+)
+async def delete_job(
+    job: JobDep,
+    owner: OwnerDep,
+    jobs: JobStoreDep,
+    settings: SettingsDep,
+    predictors: PredictorsDep,
+) -> Response:
+    outcome = await jobs.delete(job["id"], owner)
+    if outcome == "missing":
+        raise NotFound(f"job {job['id']} not found")
+    if outcome != "deleted":
+        raise Conflict(f"job {job['id']} is {outcome}: cancel it first", outcome)
+    job_dir = settings.job_dir(job["id"])
+    predictors.evict(job_dir / "model")
+    await anyio.to_thread.run_sync(lambda: shutil.rmtree(job_dir, ignore_errors=True))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{job_id}/model",
+    response_class=FileResponse,
+    summary="The exported model as a .tar.gz",
+    responses={200: {"content": {"application/gzip": {}}}, 409: {"description": "not yet"}},
+)
+async def download_model(job: JobDep, settings: SettingsDep) -> FileResponse:
+    """A `model/` folder: the encoder (`transformers.AutoModel.from_pretrained`), tokenizer,
+    `heads.safetensors` and `mtl.json` (tasks, labels, pooling)."""
+    model_dir = _model_dir(job, settings)
+    target = settings.job_dir(job["id"]) / "model.tar.gz"
+    path = await anyio.to_thread.run_sync(_archive, model_dir, target, "model")
+    return FileResponse(path, media_type="application/gzip", filename=f"{job['id']}-model.tar.gz")
+
+
+@router.post("/{job_id}/predict", response_model=PredictOut, summary="Classify texts")
+async def predict(
+    request: Request,
+    body: PredictIn,
+    job: JobDep,
+    settings: SettingsDep,
+    predictors: PredictorsDep,
+) -> PredictOut:
+    """Runs in the API process (threads), so it never waits behind training jobs."""
+    if len(body.texts) > settings.max_predict_texts:
+        raise Invalid(f"at most {settings.max_predict_texts} texts per call", ["body", "texts"])
+    for i, text in enumerate(body.texts):
+        if len(text) > settings.max_text_chars:
+            raise Invalid(f"longer than {settings.max_text_chars} characters", ["body", "texts", i])
+    model_dir = _model_dir(job, settings)
+    try:
+        predictions = await anyio.to_thread.run_sync(
+            predictors.predict, model_dir, body.texts, limiter=request.app.state.predict_limiter
+        )
+    except ModelError as exc:
+        raise Conflict(f"the model cannot be used: {exc}", job["state"]) from None
+    return PredictOut(job_id=job["id"], predictions=predictions)

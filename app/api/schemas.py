@@ -1,0 +1,147 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mtl.config import TrainConfig
+
+__all__ = [
+    "CancelOut",
+    "DatasetList",
+    "DatasetOut",
+    "JobCreate",
+    "JobList",
+    "JobOut",
+    "JobState",
+    "MetricsOut",
+    "PredictIn",
+    "PredictOut",
+    "example_job",
+]
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
+
+
+@cache
+def example_job() -> dict[str, Any]:
+    """The two-task dummy job that Swagger UI offers (runs on CPU in seconds)."""
+    # a path beside the package (not importlib.resources: an editable install made before
+    # app/ had an __init__.py maps it as a namespace package, which resources cannot read)
+    return json.loads(EXAMPLES.joinpath("dummy_job.json").read_text("utf-8"))
+
+
+class JobCreate(TrainConfig):
+    """The training config (the same schema `mtl train` reads), plus an optional `name`."""
+
+    name: str | None = Field(None, max_length=200, description="a label for people")
+
+
+class Links(BaseModel):
+    self: str
+    events: str
+    metrics: str
+    cancel: str
+    model: str
+    predict: str
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: int | None = None
+    elapsed: float | None = Field(None, description="seconds of training, over all attempts")
+    eta: float | None = Field(None, description="seconds to the last step at the pace so far")
+    fraction: float | None = None
+    updated_at: float | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str | None = None
+    state: JobState
+    attempt: int
+    max_attempts: int
+    restarts: int = 0
+    queue_position: int | None = Field(None, description="1 = next to start (while queued)")
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: Progress
+    latest_metrics: dict[str, Any] = Field(
+        default_factory=dict, description="task -> split -> latest values"
+    )
+    best_metrics: dict[str, Any] = Field(
+        default_factory=dict, description="task -> best validation values (by the monitor metric)"
+    )
+    final_metrics: dict[str, Any] | None = None
+    checkpoint_step: int | None = None
+    cancel_requested: bool = False
+    error: str | None = None
+    has_model: bool = False
+    links: Links
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+    offset: int
+    limit: int
+    next: str | None = None
+
+
+class CancelOut(BaseModel):
+    id: str
+    state: JobState
+
+
+class MetricsOut(BaseModel):
+    job_id: str
+    items: list[dict[str, Any]] = Field(
+        description="log and evaluate events, ordered by step: {type, attempt, step, time, data}"
+    )
+
+
+class PredictIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str] = Field(..., min_length=1, description="texts to classify")
+
+
+class PredictOut(BaseModel):
+    job_id: str
+    predictions: list[dict[str, Any]] = Field(
+        description="one per text: task -> {label, probabilities: {label: p}}"
+    )
+
+
+class DatasetOut(BaseModel):
+    id: str
+    source: str = Field(description="what a job config names: `dataset:<id>`")
+    name: str | None = None
+    filename: str | None = None
+    format: Literal["csv", "jsonl"]
+    size_bytes: int
+    rows: int
+    columns: list[str]
+    label_values: dict[str, list[str]] = Field(description="column -> distinct values")
+    capped: dict[str, bool] = Field(
+        default_factory=dict, description="column -> more values than listed"
+    )
+    missing: dict[str, int] = Field(default_factory=dict, description="column -> empty cells")
+    created_at: float
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]
+    total: int
+    offset: int
+    limit: int
+    next: str | None = None

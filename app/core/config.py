@@ -1,0 +1,140 @@
+"""Service settings: one pydantic-settings class, read from the environment (prefix ``MTL_``).
+
+The worker imports this module too (it loads only pydantic-settings, no web code).
+
+Examples::
+
+    MTL_REDIS_URL=redis://:secret@redis:6379/0
+    MTL_DATA_DIR=/data
+    MTL_API_KEYS='{"alice": "key-a", "bob": "key-b"}'    # owner name -> bearer key
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mtl.config import BUNDLED_MINILM
+
+__all__ = ["Settings", "get_settings"]
+
+OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+ANONYMOUS = "anonymous"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MTL_", extra="ignore", env_ignore_empty=True)
+
+    # --- where things live
+    redis_url: str | None = Field(
+        default=None, description="redis://[:password@]host:port/db; None: `mtl serve` starts one"
+    )
+    data_dir: Path = Field(
+        default=Path(".mtl"), description="datasets, checkpoints, exported models"
+    )
+    key_prefix: str = Field(default="mtl", pattern=r"^[A-Za-z0-9_\-.]{1,32}$")
+    redis_max_connections: int = Field(default=256, ge=8, description="per API process")
+
+    # --- access
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="owner name -> bearer key; empty: open access (local use only)",
+    )
+
+    # --- limits
+    max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1, description="dataset upload cap")
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="JSON request bodies")
+    max_predict_texts: int = Field(default=256, ge=1)
+    max_text_chars: int = Field(default=20_000, ge=1)
+    page_size_max: int = Field(default=100, ge=1)
+    predictor_cache_size: int = Field(default=2, ge=1, description="loaded models kept in the API")
+    predict_threads: int = Field(default=2, ge=1, description="concurrent predict calls")
+
+    # --- job protocol
+    max_restarts: int = Field(default=3, ge=0, le=100, description="re-queues after a lost worker")
+    lease_ttl_s: float = Field(default=30.0, gt=0.5, description="a running attempt's lease")
+    cancel_poll_s: float = Field(
+        default=0.25,
+        gt=0,
+        description="how often a run renews its lease, writes progress and reads "
+        "its cancel flag (a background thread; the training step only reads a bool)",
+    )
+    reaper_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_s: float = Field(default=5.0, gt=0, description="worker heartbeat period")
+    stream_maxlen: int = Field(
+        default=10_000, ge=100, description="events kept per job (approximate)"
+    )
+    stream_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=1, description="event stream expiry after the job ends"
+    )
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+    sse_keepalive_s: float = Field(
+        default=10.0, gt=0, description="below FastAPI's own 15 s ping, which then never fires"
+    )
+    queue_name: str = "mtl-train"
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="intra-op threads of a training run"
+    )
+    preload_torch: bool = Field(
+        default=True,
+        description="import torch in the worker's main process so each fresh child "
+        "process starts fast (CUDA is not initialised there)",
+    )
+
+    # --- models a job may name (besides random_init encoders)
+    allowed_models: list[str] = Field(
+        default_factory=lambda: [BUNDLED_MINILM],
+        description="hub model ids a job may name (the default resolves to the bundled MiniLM)",
+    )
+    model_roots: list[Path] = Field(
+        default_factory=list,
+        description="local directories under which a job may name a model directory; "
+        "empty: no local paths",
+    )
+
+    @model_validator(mode="after")
+    def _poll_within_lease(self) -> Settings:
+        if self.cancel_poll_s * 2 > self.lease_ttl_s:
+            raise ValueError("cancel_poll_s must be at most half of lease_ttl_s")
+        return self
+
+    @field_validator("api_keys")
+    @classmethod
+    def _owners(cls, value: dict[str, str]) -> dict[str, str]:
+        for owner, key in value.items():
+            if not OWNER_PATTERN.match(owner):
+                raise ValueError(f"owner name {owner!r} must match {OWNER_PATTERN.pattern}")
+            if len(key) < 8:
+                raise ValueError(f"the key of {owner!r} is shorter than 8 characters")
+        if len(set(value.values())) != len(value):
+            raise ValueError("two owners share one key")
+        return value
+
+    @property
+    def open_access(self) -> bool:
+        return not self.api_keys
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError("MTL_REDIS_URL is not set (`mtl serve` sets it up for local use)")
+        return self.redis_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,112 @@
+"""The FastAPI application: `uvicorn --factory app.main:create_app`."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+import mtl
+from app.api.errors import install_error_handlers
+from app.api.routes import configs, dashboard, datasets, health, jobs
+from app.core.config import Settings, get_settings
+from app.core.events import HubRegistry
+from app.core.metrics import ServiceMetrics
+from app.core.predictors import PredictorCache
+from worker.datasets import AsyncDatasetStore
+from worker.keys import Keys
+from worker.queue import make_celery
+from worker.store import AsyncJobStore
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("app")
+
+DESCRIPTION = """
+Train multi-task sentence encoders as jobs.
+
+* `POST /v1/jobs` with a training config (try the example: two tasks on dummy data, it runs
+  on CPU in seconds), then follow `GET /v1/jobs/{id}/events` (server-sent events).
+* Upload CSV/JSONL data with `POST /v1/datasets` and name it in a config as `dataset:<id>`.
+* Authorize with `Bearer <API key>` when the service has keys configured.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import redis.asyncio as aioredis
+
+        if settings.open_access:
+            log.warning("no API keys configured (MTL_API_KEYS): open access, for local use only")
+        # Blocking pool: under a burst, requests wait for a free connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.require_redis_url(),
+            max_connections=settings.redis_max_connections,
+            timeout=10,
+            socket_timeout=10,
+            decode_responses=True,
+            health_check_interval=30,
+            socket_keepalive=True,
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        keys = Keys(settings.key_prefix)
+        app.state.redis = client
+        app.state.jobs = AsyncJobStore(
+            client,
+            keys,
+            stream_maxlen=settings.stream_maxlen,
+            stream_ttl_s=settings.stream_ttl_s,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+        )
+        app.state.datasets = AsyncDatasetStore(client, keys, settings.data_dir)
+        # The hub's blocking XREAD must return well within the socket timeout; subscribers
+        # keep their own keep-alive timers.
+        app.state.hubs = HubRegistry(
+            app.state.jobs, block_ms=int(min(settings.sse_keepalive_s, 2.0) * 1000)
+        )
+        app.state.celery = make_celery(settings)
+        app.state.publisher = ThreadPoolExecutor(1, thread_name_prefix="publish")
+        app.state.predictors = PredictorCache(settings.predictor_cache_size)
+        app.state.predict_limiter = anyio.CapacityLimiter(settings.predict_threads)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # Everything imported so far lives as long as the process: keep it out of the
+        # collector's full passes, which otherwise stall the event loop for ~100 ms.
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            await app.state.hubs.close()
+            await client.aclose()
+            app.state.publisher.shutdown(wait=True)
+            app.state.celery.close()
+
+    app = FastAPI(
+        title="mtl-jobs",
+        version=mtl.__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    app.add_middleware(app.state.metrics.middleware)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router, prefix="/v1")
+    app.include_router(configs.router, prefix="/v1")
+    app.include_router(
+        datasets.router, prefix="/v1", max_body_size=settings.max_upload_bytes + 64 * 1024
+    )
+    app.include_router(dashboard.router)
+    app.mount("/static", StaticFiles(packages=[("app", "static")]), name="static")
+    return app

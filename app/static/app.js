@@ -1,0 +1,470 @@
+// mtl-jobs dashboard: a jobs list, a submit form and a live job page. Plain ES module, no build
+// step; charts with the vendored uPlot. Talks only to the service's own /v1 API.
+
+const view = document.getElementById("view");
+const keyInput = document.getElementById("api-key");
+keyInput.value = localStorage.getItem("mtl-api-key") || "";
+keyInput.addEventListener("change", () => {
+  const key = keyInput.value.trim();
+  if (key === (localStorage.getItem("mtl-api-key") || "")) return;
+  localStorage.setItem("mtl-api-key", key);
+  route();
+});
+
+// ------------------------------------------------------------------------------ helpers
+
+const h = (tag, attrs = {}, ...children) => {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") el.className = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null && v !== false) el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+};
+const fmt = (x, d = 3) => (typeof x === "number" && isFinite(x) ? x.toFixed(d) : "–");
+const duration = (s) => {
+  if (typeof s !== "number" || !isFinite(s)) return "–";
+  s = Math.round(s);
+  const m = Math.floor(s / 60), r = s % 60;
+  return m ? `${m}m ${String(r).padStart(2, "0")}s` : `${r}s`;
+};
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+function toast(message, bad = false) {
+  const box = document.getElementById("toast");
+  const el = h("div", { class: bad ? "msg bad" : "msg" }, message);
+  box.append(el);
+  setTimeout(() => el.remove(), 6000);
+}
+
+function headers(extra = {}) {
+  const key = localStorage.getItem("mtl-api-key");
+  return key ? { Authorization: `Bearer ${key}`, ...extra } : extra;
+}
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(typeof detail === "string" ? detail : `HTTP ${status}`);
+    this.status = status;
+    this.detail = detail;
+  }
+}
+
+async function api(path, { method = "GET", body, signal } = {}) {
+  const init = { method, headers: headers(), signal };
+  if (body !== undefined) {
+    init.body = JSON.stringify(body);
+    init.headers["Content-Type"] = "application/json";
+  }
+  const res = await fetch(path, init);
+  if (res.status === 204) return null;
+  let data = null;
+  try { data = await res.json(); } catch { data = null; }
+  if (!res.ok) throw new ApiError(res.status, data && data.detail !== undefined ? data.detail : data);
+  return data;
+}
+
+// Server-sent events over fetch (EventSource cannot send an Authorization header). Reconnects
+// with Last-Event-ID after a dropped connection, so nothing is missed or repeated.
+async function streamEvents(path, onEvent, signal) {
+  let lastId = null, failures = 0;
+  while (!signal.aborted) {
+    try {
+      const res = await fetch(path, {
+        headers: headers(lastId ? { "Last-Event-ID": lastId } : {}), signal,
+      });
+      if (!res.ok) throw new ApiError(res.status, (await res.json().catch(() => ({}))).detail);
+      const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let cut;
+        while ((cut = buffer.search(/\r?\n\r?\n/)) >= 0) {
+          const block = buffer.slice(0, cut);
+          buffer = buffer.slice(cut).replace(/^\r?\n\r?\n/, "");
+          const ev = { id: null, event: "message", data: "" };
+          for (const line of block.split(/\r?\n/)) {
+            if (!line || line.startsWith(":")) continue;
+            const i = line.indexOf(":");
+            const field = i < 0 ? line : line.slice(0, i);
+            const val = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
+            if (field === "id") ev.id = val;
+            else if (field === "event") ev.event = val;
+            else if (field === "data") ev.data += (ev.data ? "\n" : "") + val;
+          }
+          if (ev.id === null && ev.event === "message" && !ev.data) continue;
+          if (ev.id) lastId = ev.id;
+          failures = 0;
+          const payload = ev.data ? JSON.parse(ev.data) : {};
+          if (ev.event === "end") { onEvent({ type: "end", data: payload }); return; }
+          onEvent(payload);
+        }
+      }
+    } catch (err) {
+      if (signal.aborted) return;
+      if (err instanceof ApiError && err.status < 500) { toast(`events: ${err.message}`, true); return; }
+    }
+    failures += 1;
+    await new Promise((r) => setTimeout(r, Math.min(250 * 2 ** failures, 5000)));
+  }
+}
+
+// ------------------------------------------------------------------------------ router
+
+let current = new AbortController();
+function route() {
+  current.abort();
+  current = new AbortController();
+  const signal = current.signal;
+  const hash = location.hash || "#/";
+  view.replaceChildren();
+  const m = hash.match(/^#\/jobs\/([\w-]+)$/);
+  if (m) return jobPage(m[1], signal);
+  if (hash === "#/submit") return submitPage(signal);
+  return jobsPage(signal);
+}
+window.addEventListener("hashchange", route);
+
+// ------------------------------------------------------------------------------ jobs list
+
+function latestSummary(job) {
+  const parts = [];
+  for (const [task, splits] of Object.entries(job.latest_metrics || {})) {
+    const v = splits.validation, t = splits.train;
+    const bits = [];
+    if (t) bits.push(`loss ${fmt(t.loss)}`);
+    if (v && v.macro_f1 !== undefined) bits.push(`val F1 ${fmt(v.macro_f1)}`);
+    else if (t && t.accuracy !== undefined) bits.push(`acc ${fmt(t.accuracy)}`);
+    parts.push(h("div", {}, h("b", {}, task), " ", bits.join(", ")));
+  }
+  return parts;
+}
+
+function progressCell(job) {
+  const p = job.progress || {};
+  const frac = p.total_steps ? Math.min(1, (p.step || 0) / p.total_steps) : 0;
+  const eta = !TERMINAL.has(job.state) && p.eta ? ` · ETA ${duration(p.eta)}` : "";
+  return h("td", {},
+    h("div", { class: "bar" }, h("span", { style: `width:${(100 * frac).toFixed(1)}%` })),
+    h("div", { class: "muted" }, `${p.step || 0}/${p.total_steps || "?"}${eta}`));
+}
+
+function jobsPage(signal) {
+  const body = h("tbody");
+  const total = h("span", { class: "muted" });
+  view.append(
+    h("div", { class: "row" }, h("h1", {}, "Jobs"), total,
+      h("a", { href: "#/submit", style: "margin-left:auto" }, h("button", { class: "primary" }, "New job"))),
+    h("div", { class: "card" }, h("table", { id: "jobs" },
+      h("thead", {}, h("tr", {}, ["Job", "Name", "State", "Progress", "Latest per task"].map((t) => h("th", {}, t)))),
+      body)));
+  const refresh = async () => {
+    try {
+      const page = await api("/v1/jobs?limit=100", { signal });
+      total.textContent = `${page.total} job${page.total === 1 ? "" : "s"}`;
+      body.replaceChildren(...page.items.map((job) =>
+        h("tr", { "data-job": job.id },
+          h("td", {}, h("a", { href: `#/jobs/${job.id}` }, job.id)),
+          h("td", {}, job.name || ""),
+          h("td", {}, h("span", { class: `state ${job.state}` }, job.state),
+            job.queue_position ? h("div", { class: "muted" }, `queue #${job.queue_position}`) : null),
+          progressCell(job),
+          h("td", {}, latestSummary(job)))));
+      if (!page.items.length) body.append(h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No jobs yet.")));
+    } catch (err) {
+      if (!signal.aborted) toast(`jobs: ${err.message}`, true);
+    }
+  };
+  refresh();
+  const timer = setInterval(refresh, 2000);
+  signal.addEventListener("abort", () => clearInterval(timer));
+}
+
+// ------------------------------------------------------------------------------ submit
+
+// Pretty-print JSON and remember the line of every path, so errors show beside their field.
+function layout(value) {
+  const lines = [], where = new Map();
+  const walk = (v, path, indent, prefix, comma) => {
+    const pad = "  ".repeat(indent);
+    where.set(path.join("."), lines.length);
+    if (v && typeof v === "object") {
+      const isArr = Array.isArray(v);
+      const entries = isArr ? v.map((x, i) => [i, x]) : Object.entries(v);
+      if (!entries.length) { lines.push(`${pad}${prefix}${isArr ? "[]" : "{}"}${comma}`); return; }
+      lines.push(`${pad}${prefix}${isArr ? "[" : "{"}`);
+      entries.forEach(([k, x], i) => {
+        const p = isArr ? "" : `${JSON.stringify(k)}: `;
+        walk(x, [...path, String(k)], indent + 1, p, i < entries.length - 1 ? "," : "");
+      });
+      lines.push(`${pad}${isArr ? "]" : "}"}${comma}`);
+    } else {
+      lines.push(`${pad}${prefix}${JSON.stringify(v)}${comma}`);
+    }
+  };
+  walk(value, [], 0, "", "");
+  return { lines, where };
+}
+
+// The line of the deepest existing prefix of a validation error's `loc`.
+function lineOf(loc, value, where) {
+  const path = [];
+  let node = value, best = where.get("");
+  for (const part of loc) {
+    if (part === "body") continue;
+    if (node && typeof node === "object" && Object.prototype.hasOwnProperty.call(node, part)) {
+      path.push(String(part));
+      node = node[part];
+      if (where.has(path.join("."))) best = where.get(path.join("."));
+    }
+  }
+  return best;
+}
+
+function showErrors(target, value, detail) {
+  target.replaceChildren();
+  if (!Array.isArray(detail)) {
+    target.append(h("ul", { class: "errors" }, h("li", {}, String(detail))));
+    return;
+  }
+  const { lines, where } = layout(value);
+  const notes = new Map();
+  const list = h("ul", { class: "errors" });
+  for (const err of detail) {
+    const loc = (err.loc || []).filter((p) => p !== "body");
+    const line = lineOf(loc, value, where);
+    if (!notes.has(line)) notes.set(line, []);
+    notes.get(line).push(`${loc.join(".")}: ${err.msg}`);
+    list.append(h("li", { "data-loc": loc.join(".") }, h("b", {}, loc.join(".") || "(body)"), ` ${err.msg}`));
+  }
+  const pre = h("div", { class: "annotated", id: "annotated" });
+  lines.forEach((text, i) => {
+    const msgs = notes.get(i);
+    pre.append(h("div", { class: msgs ? "err-line" : "" }, text,
+      msgs ? h("span", { class: "err-msg" }, "← " + msgs.join("; ")) : null));
+  });
+  target.append(list, pre);
+}
+
+async function submitPage(signal) {
+  const select = h("select", { id: "example" });
+  const editor = h("textarea", { id: "config", spellcheck: "false" });
+  const name = h("input", { type: "text", id: "job-name", placeholder: "optional name" });
+  const errors = h("div", { id: "errors" });
+  const parse = () => {
+    try { return JSON.parse(editor.value); } catch (e) {
+      errors.replaceChildren(h("ul", { class: "errors" }, h("li", {}, `not valid JSON: ${e.message}`)));
+      return null;
+    }
+  };
+  const validate = async () => {
+    const value = parse();
+    if (!value) return;
+    try {
+      await api("/v1/configs/validate", { method: "POST", body: value, signal });
+      errors.replaceChildren(h("p", { class: "muted", id: "valid" }, "✓ valid"));
+    } catch (err) {
+      if (err.status === 422) showErrors(errors, value, err.detail); else toast(err.message, true);
+    }
+  };
+  const submit = async () => {
+    const value = parse();
+    if (!value) return;
+    if (name.value.trim()) value.name = name.value.trim();
+    try {
+      const job = await api("/v1/jobs", { method: "POST", body: value, signal });
+      location.hash = `#/jobs/${job.id}`;
+    } catch (err) {
+      if (err.status === 422) showErrors(errors, value, err.detail);
+      else errors.replaceChildren(h("ul", { class: "errors" }, h("li", {}, err.message)));
+    }
+  };
+  view.append(h("h1", {}, "New job"), h("div", { class: "card" },
+    h("div", { class: "row" }, h("label", {}, "Example ", select), h("label", { style: "flex:1" }, name)),
+    h("p", { class: "muted" }, "The training config (the schema `mtl train` reads). Data: `kind: dummy`, or files uploaded with POST /v1/datasets, named as `dataset:<id>`."),
+    h("div", { class: "editor" }, editor),
+    h("div", { class: "row", style: "margin-top:.6rem" },
+      h("button", { onclick: validate, id: "validate" }, "Validate"),
+      h("button", { class: "primary", onclick: submit, id: "submit" }, "Submit")),
+    errors));
+  try {
+    const examples = await api("/v1/configs/examples", { signal });
+    for (const ex of examples) select.append(h("option", { value: ex.name }, ex.summary));
+    const pick = () => {
+      const ex = examples.find((e) => e.name === select.value);
+      editor.value = JSON.stringify(ex.config, null, 2);
+      errors.replaceChildren();
+    };
+    select.addEventListener("change", pick);
+    if (examples.length) pick();
+  } catch (err) {
+    if (!signal.aborted) toast(`examples: ${err.message}`, true);
+  }
+}
+
+// ------------------------------------------------------------------------------ job page
+
+const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
+
+class LineChart {
+  constructor(title, seriesNames, width = 360, height = 170) {
+    this.names = seriesNames;
+    this.points = new Map(); // x -> array of y per series
+    this.el = h("div", { class: "chart", "data-chart": title }, h("div", { class: "title" }, title));
+    this.plot = new uPlot({
+      width, height, legend: { show: true },
+      scales: { x: { time: false } },
+      axes: [{ size: 30 }, { size: 45 }],
+      series: [{ label: "step" }, ...seriesNames.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true, points: { show: false } }))],
+    }, [[], ...seriesNames.map(() => [])], this.el);
+  }
+  set(x, name, y) {
+    const i = this.names.indexOf(name);
+    if (i < 0 || typeof y !== "number") return;
+    if (!this.points.has(x)) this.points.set(x, this.names.map(() => null));
+    this.points.get(x)[i] = y;
+  }
+  get count() { return this.points.size; }
+  draw() {
+    const xs = [...this.points.keys()].sort((a, b) => a - b);
+    this.el.dataset.points = String(xs.length);
+    this.plot.setData([xs, ...this.names.map((_, i) => xs.map((x) => this.points.get(x)[i]))]);
+  }
+}
+
+function confusionTable(labels, matrix) {
+  const max = Math.max(1, ...matrix.flat());
+  return h("table", { class: "cm" },
+    h("tr", {}, h("th", {}, "true ↓ / pred →"), labels.map((l) => h("th", { class: "rot" }, l))),
+    matrix.map((row, i) => h("tr", {}, h("th", { class: "rot" }, labels[i]),
+      row.map((n) => h("td", { style: `background: rgba(37,99,235,${(0.85 * n / max).toFixed(3)}); color:${n / max > 0.55 ? "#fff" : "inherit"}` }, n)))));
+}
+
+async function jobPage(id, signal) {
+  let job;
+  try { job = await api(`/v1/jobs/${id}`, { signal }); } catch (err) {
+    view.append(h("h1", {}, `Job ${id}`), h("p", { class: "error-reason" }, err.status === 404 ? "No such job (for this API key)." : err.message));
+    return;
+  }
+  const tasks = Object.keys(job.latest_metrics || {});
+  const config = await api(`/v1/jobs/${id}/config`, { signal }).catch(() => null);
+  const taskNames = config && config.tasks ? config.tasks.map((t) => t.name) : tasks;
+
+  const header = h("div", { class: "card", id: "job-header" });
+  const charts = {};
+  const grid = h("div", { class: "grid" });
+  for (const task of taskNames) {
+    charts[task] = {
+      loss: new LineChart(`${task}: loss`, ["train", "validation"]),
+      accuracy: new LineChart(`${task}: accuracy`, ["train", "validation"]),
+      macro_f1: new LineChart(`${task}: macro-F1`, ["train", "validation"]),
+      cm: h("div", { class: "cm-box", "data-cm": task }, h("p", { class: "muted" }, "confusion matrix: after the first evaluation")),
+    };
+    const c = charts[task];
+    grid.append(h("div", { class: "card task", "data-task": task }, h("h3", {}, task), c.loss.el, c.accuracy.el, c.macro_f1.el, c.cm));
+  }
+  const weights = new LineChart("task weights", taskNames);
+  const pairs = [];
+  for (let i = 0; i < taskNames.length; i++) for (let j = i + 1; j < taskNames.length; j++) pairs.push(`${taskNames[i]}|${taskNames[j]}`);
+  const cosine = new LineChart("gradient cosine (conflict when < 0)", pairs.length ? pairs : ["(one task)"]);
+  const predictIn = h("textarea", { id: "predict-texts", rows: 3, placeholder: "one text per line" });
+  const predictOut = h("div", { id: "predict-out" });
+  const doPredict = async () => {
+    const texts = predictIn.value.split("\n").map((t) => t.trim()).filter(Boolean);
+    if (!texts.length) return;
+    try {
+      const out = await api(`/v1/jobs/${id}/predict`, { method: "POST", body: { texts }, signal });
+      const names = Object.keys(out.predictions[0] || {});
+      predictOut.replaceChildren(h("table", {},
+        h("tr", {}, h("th", {}, "text"), names.map((n) => h("th", {}, n))),
+        out.predictions.map((p, i) => h("tr", {}, h("td", {}, texts[i]),
+          names.map((n) => h("td", {}, `${p[n].label} (${fmt(p[n].probabilities[p[n].label], 2)})`))))));
+    } catch (err) { predictOut.replaceChildren(h("p", { class: "error-reason" }, err.message)); }
+  };
+  view.append(header, grid,
+    h("div", { class: "grid" }, h("div", { class: "card" }, weights.el), h("div", { class: "card" }, cosine.el)),
+    h("div", { class: "card" }, h("h2", {}, "Predict"), predictIn,
+      h("div", { class: "row", style: "margin-top:.5rem" }, h("button", { onclick: doPredict, id: "predict" }, "Predict")), predictOut));
+
+  const renderHeader = () => {
+    const p = job.progress || {};
+    const frac = p.total_steps ? Math.min(1, (p.step || 0) / p.total_steps) : 0;
+    const cancel = h("button", { class: "danger", id: "cancel", disabled: TERMINAL.has(job.state) || job.state === "cancelling" ? true : undefined, onclick: async () => {
+      try { const r = await api(`/v1/jobs/${id}/cancel`, { method: "POST", signal }); job.state = r.state; renderHeader(); }
+      catch (err) { toast(err.message, true); }
+    } }, "Cancel");
+    const download = h("button", { id: "download", disabled: job.state !== "succeeded" ? true : undefined, onclick: async () => {
+      const res = await fetch(`/v1/jobs/${id}/model`, { headers: headers() });
+      if (!res.ok) { toast(`download: HTTP ${res.status}`, true); return; }
+      const url = URL.createObjectURL(await res.blob());
+      h("a", { href: url, download: `${id}-model.tar.gz` }).click();
+      setTimeout(() => URL.revokeObjectURL(url), 10000);
+    } }, "Download model");
+    header.replaceChildren(
+      h("div", { class: "row" }, h("h1", {}, job.name ? `${job.name} · ${id}` : id),
+        h("span", { class: `state ${job.state}`, id: "job-state" }, job.state), h("span", { style: "margin-left:auto" }, cancel, " ", download)),
+      h("div", { class: "bar" }, h("span", { style: `width:${(100 * frac).toFixed(1)}%` })),
+      h("div", { class: "kv", style: "margin-top:.6rem" },
+        h("div", {}, "step"), h("div", { id: "job-step" }, `${p.step || 0} / ${p.total_steps || "?"}`),
+        h("div", {}, TERMINAL.has(job.state) ? "epochs done" : "epoch"),
+        h("div", {}, p.epoch === null || p.epoch === undefined ? "–" : String(TERMINAL.has(job.state) ? p.epoch : p.epoch + 1)),
+        h("div", {}, "elapsed"), h("div", {}, duration(p.elapsed)),
+        h("div", {}, "ETA"), h("div", {}, TERMINAL.has(job.state) ? "–" : duration(p.eta)),
+        h("div", {}, "attempt"), h("div", {}, `${job.attempt} of ${job.max_attempts}`),
+        job.error ? h("div", {}, "reason") : null, job.error ? h("div", { class: "error-reason" }, job.error) : null));
+  };
+  renderHeader();
+
+  let dirty = false;
+  const draw = () => {
+    dirty = false;
+    for (const c of Object.values(charts)) { c.loss.draw(); c.accuracy.draw(); c.macro_f1.draw(); }
+    weights.draw(); cosine.draw();
+  };
+  const touch = () => { if (!dirty) { dirty = true; requestAnimationFrame(draw); } };
+  const take = (ev) => {
+    const d = ev.data || {};
+    if (ev.type === "log") {
+      for (const [task, m] of Object.entries(d.tasks || {})) {
+        if (!charts[task]) continue;
+        charts[task].loss.set(ev.step, "train", m.loss);
+        charts[task].accuracy.set(ev.step, "train", m.accuracy);
+        charts[task].macro_f1.set(ev.step, "train", m.macro_f1);
+      }
+      for (const [task, w] of Object.entries(d.weights || {})) weights.set(ev.step, task, w);
+      for (const [pair, c] of Object.entries(d.grad_cosine || {})) cosine.set(ev.step, pair, c);
+      touch();
+    } else if (ev.type === "evaluate" && (d.split || "validation") === "validation") {
+      for (const [task, m] of Object.entries(d.tasks || {})) {
+        if (!charts[task]) continue;
+        charts[task].loss.set(ev.step, "validation", m.loss);
+        charts[task].accuracy.set(ev.step, "validation", m.accuracy);
+        charts[task].macro_f1.set(ev.step, "validation", m.macro_f1);
+        if (m.confusion_matrix) charts[task].cm.replaceChildren(h("div", { class: "title muted" }, `confusion matrix, validation at step ${ev.step}`), confusionTable(m.labels, m.confusion_matrix));
+      }
+      touch();
+    } else if (ev.type === "state" && d.state) {
+      job.state = d.state; renderHeader();
+    } else if (ev.type === "end") {
+      api(`/v1/jobs/${id}`, { signal }).then((j) => { job = j; renderHeader(); }).catch(() => {});
+    }
+  };
+  try {
+    const history = await api(`/v1/jobs/${id}/metrics`, { signal });
+    for (const item of history.items) take(item);
+  } catch (err) { if (!signal.aborted) toast(`metrics: ${err.message}`, true); }
+  streamEvents(`/v1/jobs/${id}/events`, take, signal);
+  const timer = setInterval(async () => {
+    try { job = await api(`/v1/jobs/${id}`, { signal }); renderHeader(); } catch { /* next tick */ }
+  }, 1500);
+  signal.addEventListener("abort", () => clearInterval(timer));
+}
+
+route();

@@ -1,0 +1,133 @@
+"""docker-compose.yml and the Dockerfile, read as files (no Docker engine needed).
+
+The compose file is validated against the Compose Specification JSON schema vendored beside
+this test (`compose_spec.json`, from docker-compose 1.29.2 as Debian ships it, Apache-2.0),
+and with `docker-compose config` when that command is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.serve import REPO_ROOT
+
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _redis_args(compose: dict[str, Any]) -> list[str]:
+    command = compose["services"]["redis"]["command"]
+    return command if isinstance(command, list) else command.split()
+
+
+def test_schema_valid(compose: dict[str, Any]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).parent / "compose_spec.json").read_text())
+    jsonschema.validate(compose, schema)
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_docker_compose_config(tmp_path: Path) -> None:
+    env = {**os.environ, "REDIS_PASSWORD": "secret-for-config-check"}
+    for profile in ("gpu", "cpu"):
+        result = subprocess.run(
+            ["docker-compose", "-f", str(COMPOSE), "--profile", profile, "config"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    # and without a password it refuses to start
+    env.pop("REDIS_PASSWORD")
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "config", "-q"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "REDIS_PASSWORD" in result.stderr
+
+
+def test_redis_is_durable_private_and_checked(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    args = _redis_args(compose)
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "everysec"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
+    assert "ports" not in redis and "expose" not in redis
+    assert redis["healthcheck"]["test"]
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+
+
+def test_api_published_on_loopback_only(compose: dict[str, Any]) -> None:
+    api = compose["services"]["api"]
+    assert api["ports"], "the API must be reachable"
+    for port in api["ports"]:
+        assert str(port).startswith("127.0.0.1:"), port
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_gpu_worker_and_cpu_way(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    gpu = services["worker"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    cpu = [
+        s
+        for name, s in services.items()
+        if name != "worker" and "celery" in " ".join(map(str, s.get("command", [])))
+    ]
+    assert cpu, "a CPU-only worker service"
+    assert all("deploy" not in s for s in cpu)
+    assert set(cpu[0]["profiles"]) & {"cpu"} and "gpu" in gpu["profiles"]
+    for worker in [gpu, *cpu]:
+        command = " ".join(map(str, worker["command"]))
+        assert "-c 1" in command and "--max-tasks-per-child 1" in command
+        assert "--prefetch-multiplier 1" in command
+
+
+def test_shared_volume(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    mounts = {
+        name: {v.split(":")[0] for v in s.get("volumes", [])}
+        for name, s in services.items()
+        if name != "redis"
+    }
+    shared = set.intersection(*mounts.values())
+    assert shared & set(compose["volumes"]), mounts
+    for s in services.values():
+        if s is not services["redis"]:
+            assert s["environment"]["MTL_DATA_DIR"] == "/data"
+            assert "@redis:6379" in s["environment"]["MTL_REDIS_URL"]
+
+
+def test_dockerfile_multistage_nonroot_cuda() -> None:
+    text = DOCKERFILE.read_text()
+    stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, re.M)
+    assert {"api", "worker", "worker-cpu"} <= set(stages) and len(stages) >= 4
+    compose_targets = {
+        s["build"]["target"]
+        for s in yaml.safe_load(COMPOSE.read_text())["services"].values()
+        if "build" in s
+    }
+    assert compose_targets <= set(stages)
+    # every runtime stage drops root
+    for stage in ("api", "worker", "worker-cpu"):
+        body = text.split(f"AS {stage}\n", 1)[1].split("\nFROM ", 1)[0]
+        users = re.findall(r"^USER\s+(\S+)", body, re.M)
+        assert users and users[-1] not in ("root", "0"), stage
+    # the GPU worker gets torch from PyPI (CUDA build); the CPU stages from the CPU index
+    cuda = text.split("AS build-cuda\n", 1)[1].split("\nFROM ", 1)[0]
+    assert "torch" in cuda and "whl/cpu" not in cuda
+    assert "whl/cpu" in text.split("AS build-cpu\n", 1)[1].split("\nFROM ", 1)[0]

@@ -1,0 +1,254 @@
+"""The job state machine (Lua scripts) against the real redis-server, without a worker.
+
+These use their own key prefix, so the session's worker (and its reaper) never sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from app.serve import RedisServer
+from worker.keys import Keys
+from worker.progress import STOP_CANCELLED, STOP_STALE, LeaseKeeper, RedisProgress
+from worker.reaper import reap_once
+from worker.store import AsyncJobStore, JobStore, Lease, make_event
+
+PREFIX = "unit"
+
+
+@pytest.fixture
+def sync_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    for key in client.scan_iter(f"{PREFIX}:*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def store(sync_client: redis.Redis) -> JobStore:
+    return JobStore(sync_client, Keys(PREFIX), stream_maxlen=1000, stream_ttl_s=60)
+
+
+def run(coro_fn: Any, url: str) -> Any:
+    async def main() -> Any:
+        client = aioredis.Redis.from_url(url, decode_responses=True)
+        try:
+            return await coro_fn(AsyncJobStore(client, Keys(PREFIX), stream_maxlen=1000))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def create(url: str, max_attempts: int = 4, **kw: Any) -> tuple[str, str]:
+    async def go(s: AsyncJobStore) -> tuple[str, str]:
+        status, job_id, record, _position = await s.create(
+            owner=kw.pop("owner", "alice"),
+            name=None,
+            config_json="{}",
+            max_attempts=max_attempts,
+            **kw,
+        )
+        if status != "conflict":
+            assert record is not None and record["id"] == job_id
+        return status, job_id
+
+    return run(go, url)
+
+
+def states(client: redis.Redis, job_id: str) -> list[tuple[int, str]]:
+    out = []
+    for _, fields in client.xrange(Keys(PREFIX).events(job_id)):
+        if fields["t"] == "state":
+            out.append((int(fields["a"]), json.loads(fields["e"])["data"]["state"]))
+    return out
+
+
+def test_idempotent_create(redis_server: RedisServer, sync_client: redis.Redis) -> None:
+    url = redis_server.url
+    a = create(url, idempotency_key="k1", fingerprint="f1")
+    b = create(url, idempotency_key="k1", fingerprint="f1")
+    c = create(url, idempotency_key="k1", fingerprint="f2")
+    d = create(url, idempotency_key="k1", fingerprint="f1", owner="bob")
+    assert a[0] == "created" and b == ("existing", a[1]) and c == ("conflict", a[1])
+    assert d[0] == "created" and d[1] != a[1]
+    assert sync_client.zcard(Keys(PREFIX).queued) == 2
+
+
+def test_begin_is_fenced_and_exclusive(redis_server: RedisServer, store: JobStore) -> None:
+    _, job_id = create(redis_server.url)
+    assert store.begin(Lease(job_id, 2, "w1"), 5000)[0] == "stale"
+    assert store.begin(Lease(job_id, 1, "w1"), 5000) == ("started", "")
+    assert store.begin(Lease(job_id, 1, "w2"), 5000) == ("not-queued", "running")
+    assert store.begin(Lease("job_missing", 1, "w2"), 5000)[0] == "gone"
+    record = store.get(job_id)
+    assert record is not None and record["state"] == "running" and record["started_at"]
+
+
+def test_lease_expiry_requeues_then_budget_fails(
+    redis_server: RedisServer, store: JobStore, sync_client: redis.Redis
+) -> None:
+    _, job_id = create(redis_server.url, max_attempts=2)
+    published: list[tuple[str, int]] = []
+    first = Lease(job_id, 1, "w1")
+    assert store.begin(first, 100)[0] == "started"
+    assert reap_once(store, lambda j, a: published.append((j, a)))["requeued"] == []  # alive
+    time.sleep(0.15)
+    assert reap_once(store, lambda j, a: published.append((j, a)))["requeued"] == [(job_id, 2)]
+    assert published == [(job_id, 2)]
+    record = store.get(job_id)
+    assert record is not None
+    assert (record["state"], record["attempt"], record["restarts"]) == ("queued", 2, 1)
+    assert record["published"] == 2
+
+    # the old attempt is fenced off everywhere
+    assert store.renew(first, 1000, {"step": 9}) == (False, False)
+    assert store.append(first, "log", 9, make_event("log", 1, 9, {})) is None
+    assert store.finish(first, "succeeded") is False
+    assert store.begin(first, 1000)[0] == "stale"
+
+    second = Lease(job_id, 2, "w2")
+    assert store.begin(second, 100)[0] == "started"
+    time.sleep(0.15)
+    assert reap_once(store, lambda j, a: published.append((j, a)))["failed"] == [job_id]
+    record = store.get(job_id)
+    assert record is not None and record["state"] == "failed"
+    assert "restart budget of 1 restarts is spent" in record["error"]
+    assert states(sync_client, job_id) == [
+        (1, "queued"),
+        (1, "running"),
+        (2, "queued"),
+        (2, "running"),
+        (2, "failed"),
+    ]
+    assert 0 < sync_client.ttl(Keys(PREFIX).events(job_id)) <= 60  # the stream expires
+
+
+def test_cancel_paths(redis_server: RedisServer, store: JobStore) -> None:
+    url = redis_server.url
+    _, queued = create(url)
+    _, running = create(url)
+    assert run(lambda s: s.cancel(queued), url) == ("cancelled", "queued")
+    lease = Lease(running, 1, "w")
+    assert store.begin(Lease(queued, 1, "w"), 1000)[0] == "not-queued"  # never starts
+    assert store.begin(lease, 1000)[0] == "started"
+    assert store.renew(lease, 1000, {}) == (True, False)
+    assert run(lambda s: s.cancel(running), url) == ("cancelling", "running")
+    assert run(lambda s: s.cancel(running), url) == ("cancelling", "cancelling")
+    assert store.renew(lease, 1000, {}) == (True, True)
+    assert store.finish(lease, "cancelled", error="cancelled by request")
+    assert run(lambda s: s.cancel(running), url) == ("cancelled", "cancelled")
+    _, done = create(url)
+    lease = Lease(done, 1, "w")
+    store.begin(lease, 1000)
+    store.finish(lease, "succeeded")
+    assert run(lambda s: s.cancel(done), url) == ("finished", "succeeded")
+
+    # lost while cancelling: cancelled, not re-queued
+    _, lost = create(url)
+    lease = Lease(lost, 1, "w")
+    store.begin(lease, 50)
+    run(lambda s: s.cancel(lost), url)
+    time.sleep(0.1)
+    assert reap_once(store, lambda j, a: None)["cancelled"] == [lost]
+
+
+def test_resume_drops_what_older_attempts_reported_after_the_checkpoint(
+    redis_server: RedisServer, store: JobStore, sync_client: redis.Redis
+) -> None:
+    _, job_id = create(redis_server.url)
+    first = Lease(job_id, 1, "w1")
+    store.begin(first, 50)
+    for step in (5, 10, 15, 20, 25):
+        store.append(first, "log", step, make_event("log", 1, step, {"tasks": {}}), metric=True)
+    store.append(first, "checkpoint", 10, make_event("checkpoint", 1, 10, {}))
+    time.sleep(0.1)
+    reap_once(store, lambda j, a: None)
+    second = Lease(job_id, 2, "w2")
+    assert store.begin(second, 1000)[0] == "started"
+    result = store.resume(second, 10)
+    assert result is not None
+    removed, pruned, history = result
+    assert (removed, pruned) == (3, 3)
+    assert [json.loads(m)["step"] for m in history] == [5, 10]
+    for step in (15, 20):
+        store.append(second, "log", step, make_event("log", 2, step, {"tasks": {}}), metric=True)
+    entries = sync_client.xrange(Keys(PREFIX).events(job_id))
+    logs = [(int(f["a"]), int(f["s"])) for _, f in entries if f["t"] == "log"]
+    assert logs == [(1, 5), (1, 10), (2, 15), (2, 20)]
+    # a stale attempt cannot prune
+    assert store.resume(first, 0) is None
+
+
+def test_progress_callback_and_lease_keeper(
+    redis_server: RedisServer, store: JobStore, sync_client: redis.Redis
+) -> None:
+    from mtl.callbacks import TrainControl, TrainState
+
+    _, job_id = create(redis_server.url)
+    lease = Lease(job_id, 1, "w1")
+    store.begin(lease, 1000)
+    cb = RedisProgress(store, lease, lease_ms=1000, monitor="mean/macro_f1", monitor_mode="max")
+    keeper = LeaseKeeper(store, cb, lease_ms=1000, interval=0.05)
+    keeper.start()
+    state, control = TrainState(total_steps=100), TrainControl()
+    cb.on_train_begin(state, control)
+    for step in range(1, 11):
+        state.step, state.elapsed = step, step * 0.1
+        cb.on_step_end(state, control)
+    tasks = {"a": {"loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4, "per_class": {}}}
+    cb.on_log(state, {"tasks": {"a": {"loss": 1.0, "accuracy": 0.5}}}, control)
+    cb.on_evaluate(state, {"split": "validation", "tasks": tasks, "mean": {}}, control)
+    tasks2 = {"a": {"loss": 0.9, "accuracy": 0.4, "macro_f1": 0.3}}
+    state.step = 20
+    cb.on_evaluate(state, {"split": "validation", "tasks": tasks2, "mean": {}}, control)
+    time.sleep(0.2)
+    record = store.get(job_id)
+    assert record is not None
+    assert record["step"] == 20 and record["total_steps"] == 100
+    assert record["latest"]["a"]["validation"]["macro_f1"] == 0.3
+    assert record["best"]["a"]["value"] == 0.4 and record["best"]["a"]["step"] == 10
+    assert "per_class" not in record["best"]["a"]
+
+    run(lambda s: s.cancel(job_id), redis_server.url)
+    deadline = time.monotonic() + 2
+    while cb.stop_reason is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cb.stop_reason == STOP_CANCELLED
+    cb.on_step_end(state, control)
+    assert control.should_stop and control.stop_reason == STOP_CANCELLED
+
+    # fencing: once the job moved on, the keeper reports the attempt stale
+    sync_client.hset(Keys(PREFIX).job(job_id), "attempt", 2)
+    deadline = time.monotonic() + 2
+    while not cb.stale and time.monotonic() < deadline:
+        time.sleep(0.01)
+    keeper.stop()
+    assert cb.stale and cb.stop_reason == STOP_STALE
+
+
+def test_unconfirmed_messages_are_published_again(
+    redis_server: RedisServer, store: JobStore, sync_client: redis.Redis
+) -> None:
+    _, job_id = create(redis_server.url)  # written, never marked published (a crash)
+    sent: list[tuple[str, int]] = []
+    assert (
+        reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60)["republished"]
+        == []
+    )  # too young: the API may still be publishing it
+    sync_client.hset(Keys(PREFIX).job(job_id), "queued_at", time.time() - 120)
+    done = reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60)
+    assert done["republished"] == sent == [(job_id, 1)]
+    assert (
+        reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60)["republished"]
+        == []
+    )  # marked published now

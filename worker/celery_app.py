@@ -1,0 +1,57 @@
+"""The Celery app the worker runs: ``celery -A worker.celery_app worker -c 1 --pool prefork``.
+
+Settings come from the environment (`MTL_REDIS_URL`, `MTL_DATA_DIR`, ...). The main process
+runs the reaper/heartbeat thread (`worker.reaper.Maintenance`); each job runs in a fresh
+child process (`worker_max_tasks_per_child=1`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from celery.signals import worker_init, worker_ready, worker_shutdown
+
+from app.core.config import get_settings
+from worker.queue import make_celery
+
+__all__ = ["celery_app"]
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+celery_app = make_celery(settings)
+celery_app.conf.include = ["worker.tasks"]
+
+_maintenance = None
+
+
+@worker_init.connect
+def _preload(**_: object) -> None:
+    """Import torch and the trainer once in the parent: forked children start fast.
+    Nothing here touches CUDA (that happens in the child)."""
+    if not settings.preload_torch:
+        return
+    try:
+        import mtl.trainer  # noqa: F401
+    except Exception:  # the child will report the real error on its job
+        log.warning("could not preload mtl.trainer", exc_info=True)
+
+
+@worker_ready.connect
+def _start_maintenance(**_: object) -> None:
+    global _maintenance
+    from worker.reaper import Maintenance
+    from worker.runner import make_store, sync_redis
+
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    store = make_store(settings, sync_redis(settings))
+    _maintenance = Maintenance(settings, store, celery_app, name)
+    _maintenance.start()
+
+
+@worker_shutdown.connect
+def _stop_maintenance(**_: object) -> None:
+    if _maintenance is not None:
+        _maintenance.stop()

@@ -1,0 +1,103 @@
+"""Every Redis key the service uses, in one place.
+
+All keys share one prefix (`MTL_KEY_PREFIX`, default ``mtl``) so that one Redis can hold
+several deployments (and each test session its own namespace). Braces are not used: the
+service expects a single Redis, not a cluster.
+
+Per job ``{p}:job:{id}``::
+
+    {p}:job:{id}            hash    the job record: the source of truth (state, attempt, owner, ...)
+    {p}:job:{id}:config     string  the TrainConfig as JSON
+    {p}:job:{id}:events     stream  progress events (capped, expires after the job ends)
+    {p}:job:{id}:metrics    zset    metric history, score = step (trimmed on resume)
+    {p}:job:{id}:lease      string  "<attempt>:<token>" with a TTL while an attempt runs
+
+Indexes::
+
+    {p}:jobs:queued         zset    queued job ids, score = enqueue sequence (queue position)
+    {p}:jobs:active         set     running and cancelling job ids (what the reaper scans)
+    {p}:queue:seq           string  counter for the queue order
+    {p}:owner:{o}:jobs      zset    the owner's job ids, score = creation time (ms)
+    {p}:owner:{o}:jobs:{s}  zset    the same, for one state
+    {p}:idem:{o}:{key}      string  Idempotency-Key -> job id (with a TTL)
+    {p}:dataset:{id}        hash    an uploaded dataset's record
+    {p}:owner:{o}:datasets  zset    the owner's dataset ids, score = upload time (ms)
+    {p}:workers             zset    worker heartbeats, member = worker name, score = time (ms)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "mtl"
+
+    # ----------------------------------------------------------------------------- per job
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def config(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:config"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def metrics(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:metrics"
+
+    def lease(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:lease"
+
+    def job_keys(self, job_id: str) -> list[str]:
+        """Every per-job key (for DELETE)."""
+        return [
+            self.job(job_id),
+            self.config(job_id),
+            self.events(job_id),
+            self.metrics(job_id),
+            self.lease(job_id),
+        ]
+
+    # ----------------------------------------------------------------------------- indexes
+    @property
+    def queued(self) -> str:
+        return f"{self.prefix}:jobs:queued"
+
+    @property
+    def active(self) -> str:
+        return f"{self.prefix}:jobs:active"
+
+    @property
+    def queue_seq(self) -> str:
+        return f"{self.prefix}:queue:seq"
+
+    def owner_jobs(self, owner: str, state: str | None = None) -> str:
+        base = f"{self.prefix}:owner:{owner}:jobs"
+        return base if state is None else f"{base}:{state}"
+
+    def owner_jobs_pattern(self, state: str) -> str:
+        """SCAN pattern of every owner's index of jobs in `state` (for /metrics)."""
+        return f"{self.prefix}:owner:*:jobs:{state}"
+
+    def owner_jobs_prefix(self, owner: str) -> str:
+        """`owner_jobs(owner, state)` is this plus the state (used inside Lua)."""
+        return f"{self.prefix}:owner:{owner}:jobs:"
+
+    def idempotency(self, owner: str, key: str) -> str:
+        return f"{self.prefix}:idem:{owner}:{key}"
+
+    # ----------------------------------------------------------------------------- datasets
+    def dataset(self, dataset_id: str) -> str:
+        return f"{self.prefix}:dataset:{dataset_id}"
+
+    def owner_datasets(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:datasets"
+
+    # ----------------------------------------------------------------------------- workers
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"

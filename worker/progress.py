@@ -1,0 +1,220 @@
+"""Progress out to Redis, and cancel / fencing in: an `mtl` callback plus a lease thread.
+
+The training step never waits on Redis: `on_step_end` only reads a flag. A background
+`LeaseKeeper` thread renews the attempt's lease every `cancel_poll_s`, writes the progress
+fields (step, total, epoch, elapsed, ETA) to the job record and reads the cancel flag, all in
+one Lua call; when the job was cancelled, or this attempt is no longer the job's current one
+(fencing), it sets the flag and the loop stops after the current step. Logs, evaluations and
+checkpoints are appended to the job's event stream (and metric history) as they happen, each
+tagged with (attempt, step); the append is fenced too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mtl.callbacks import Callback, TrainControl, TrainState
+from worker.store import JobStore, Lease, make_event
+
+__all__ = ["STOP_CANCELLED", "STOP_STALE", "LeaseKeeper", "RedisProgress"]
+
+log = logging.getLogger(__name__)
+
+STOP_CANCELLED = "cancelled by request"
+STOP_STALE = "stale attempt: the job moved on without this worker"
+
+_SUMMARY_KEYS = ("loss", "accuracy", "macro_f1", "weighted_f1")
+
+
+class RedisProgress(Callback):
+    def __init__(
+        self, store: JobStore, lease: Lease, *, lease_ms: int, monitor: str, monitor_mode: str
+    ) -> None:
+        self.store = store
+        self.lease = lease
+        self.lease_ms = lease_ms
+        self.metric = monitor.partition("/")[2]
+        self.mode = monitor_mode
+        self.state: TrainState | None = None
+        self.stop_reason: str | None = None
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.best: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ called by other threads
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None or reason == STOP_STALE:
+            self.stop_reason = reason
+
+    @property
+    def stale(self) -> bool:
+        return self.stop_reason == STOP_STALE
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stop_reason == STOP_CANCELLED
+
+    def progress(self) -> dict[str, Any]:
+        state = self.state
+        if state is None:
+            return {}
+        eta = state.eta
+        return {
+            "step": state.step,
+            "total_steps": state.total_steps,
+            "epoch": state.epoch,
+            "elapsed": round(state.elapsed, 3),
+            "eta": "" if eta is None else round(eta, 3),
+            "progress_at": round(time.time(), 3),
+        }
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_begin(self, state: TrainState, control: TrainControl) -> None:
+        self.state = state
+        resumed = self.store.resume(self.lease, state.step)
+        if resumed is None:
+            self.request_stop(STOP_STALE)
+            control.stop(STOP_STALE)
+            return
+        removed, pruned, history = resumed
+        for member in history:
+            self._track(json.loads(member))
+        fields: dict[str, Any] = {**self.progress(), "latest": self.latest, "best": self.best}
+        if state.step > 0 or self.lease.attempt > 1:
+            data = {"from_step": state.step, "metrics_dropped": removed, "events_dropped": pruned}
+            self._emit("resume", state, data, fields=fields)
+        else:
+            self._emit(None, state, None, fields=fields)
+        self._check(control)
+
+    def on_step_end(self, state: TrainState, control: TrainControl) -> None:
+        self.state = state
+        if self.stop_reason is not None:
+            control.stop(self.stop_reason)
+
+    def on_log(self, state: TrainState, metrics: dict[str, Any], control: TrainControl) -> None:
+        event = {"epoch": state.epoch, "elapsed": state.elapsed, "eta": state.eta, **metrics}
+        self._track({"type": "log", "step": state.step, "data": event})
+        fields = {**self.progress_of(state), "latest": self.latest}
+        self._emit("log", state, event, metric=True, fields=fields)
+        self._check(control)
+
+    def on_evaluate(
+        self, state: TrainState, metrics: dict[str, Any], control: TrainControl
+    ) -> None:
+        event = {"epoch": state.epoch, "elapsed": state.elapsed, **metrics}
+        self._track({"type": "evaluate", "step": state.step, "data": event})
+        fields = {**self.progress_of(state), "latest": self.latest, "best": self.best}
+        self._emit("evaluate", state, event, metric=True, fields=fields)
+        self._check(control)
+
+    def on_checkpoint(self, state: TrainState, path: Path, control: TrainControl) -> None:
+        event = {"name": Path(path).name, "epoch": state.epoch}
+        self._emit("checkpoint", state, event, fields={"checkpoint_step": state.step})
+        self._check(control)
+
+    # ------------------------------------------------------------------ helpers
+    def progress_of(self, state: TrainState) -> dict[str, Any]:
+        self.state = state
+        return self.progress()
+
+    def _check(self, control: TrainControl) -> None:
+        if self.stop_reason is not None:
+            control.stop(self.stop_reason)
+
+    def _emit(
+        self,
+        type_: str | None,
+        state: TrainState,
+        data: Any,
+        *,
+        metric: bool = False,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
+        if type_ is None:  # fields only
+            ok, cancel = self.store.renew(self.lease, self.lease_ms, fields or {})
+            if cancel:
+                self.request_stop(STOP_CANCELLED)
+        else:
+            event = make_event(type_, self.lease.attempt, state.step, data)
+            ok = (
+                self.store.append(
+                    self.lease, type_, state.step, event, metric=metric, fields=fields
+                )
+                is not None
+            )
+        if not ok:
+            self.request_stop(STOP_STALE)
+
+    def _track(self, event: dict[str, Any]) -> None:
+        """Keep the latest metrics per task and split, and the best validation metrics."""
+        data = event.get("data") or {}
+        step = event.get("step")
+        if event.get("type") == "log":
+            for task, values in (data.get("tasks") or {}).items():
+                entry = {k: values[k] for k in ("loss", "accuracy") if k in values}
+                self.latest.setdefault(task, {})["train"] = {"step": step, **entry}
+            return
+        if event.get("type") != "evaluate":
+            return
+        split = data.get("split", "validation")
+        for task, values in (data.get("tasks") or {}).items():
+            summary = {k: values[k] for k in _SUMMARY_KEYS if k in values}
+            self.latest.setdefault(task, {})[split] = {"step": step, **summary}
+            if split != "validation" or self.metric not in values:
+                continue
+            value = values[self.metric]
+            current = self.best.get(task)
+            better = current is None or (
+                value > current["value"] if self.mode == "max" else value < current["value"]
+            )
+            if better:
+                self.best[task] = {
+                    "metric": self.metric,
+                    "mode": self.mode,
+                    "value": value,
+                    "step": step,
+                    **summary,
+                }
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the lease, writes progress and reads the cancel flag every `interval` seconds."""
+
+    def __init__(
+        self, store: JobStore, progress: RedisProgress, *, lease_ms: int, interval: float
+    ) -> None:
+        super().__init__(name=f"lease-{progress.lease.job_id}", daemon=True)
+        self.store = store
+        self.progress = progress
+        self.lease_ms = lease_ms
+        self.interval = interval
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            try:
+                ours, cancel = self.store.renew(
+                    self.progress.lease, self.lease_ms, self.progress.progress()
+                )
+            except Exception:  # Redis away: keep trying; the lease may lapse (then: stale)
+                log.warning("lease renewal failed", exc_info=True)
+                continue
+            if not ours:
+                log.warning("job %s attempt %s is stale; stopping", *self._ids())
+                self.progress.request_stop(STOP_STALE)
+                return
+            if cancel:
+                self.progress.request_stop(STOP_CANCELLED)
+
+    def _ids(self) -> tuple[str, int]:
+        return self.progress.lease.job_id, self.progress.lease.attempt
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout=5)

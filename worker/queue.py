@@ -1,0 +1,62 @@
+"""The Celery app factory and how a job attempt is put on the queue.
+
+Celery is only the transport: a message is `(job_id, attempt)` as JSON; the job record in
+Redis decides what happens (see `worker.store`). The API imports this module to publish
+messages without importing the task code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from app.core.config import Settings
+
+__all__ = ["TASK_NAME", "enqueue", "make_celery"]
+
+TASK_NAME = "mtl.run_job"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("mtl", broker=settings.require_redis_url(), set_as_current=False)
+    app.conf.update(
+        # JSON only: a message is (job_id, attempt), nothing that needs pickle.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Early acknowledgement: the message is gone once the task starts. A lost worker is
+        # detected through the job's lease instead (redelivery after visibility_timeout
+        # would run a long job twice).
+        task_acks_late=False,
+        task_reject_on_worker_lost=False,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,  # a fresh child process (and GPU memory) per job
+        worker_concurrency=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_default_queue=settings.queue_name,
+        task_create_missing_queues=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "global_keyprefix": f"{settings.key_prefix}:celery:",
+            # Only a reserved-but-not-started message can be unacknowledged; redelivering it
+            # is harmless (the attempt is fenced), so recover it reasonably soon.
+            "visibility_timeout": 3600,
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        worker_enable_remote_control=False,
+        task_always_eager=False,
+    )
+    return app
+
+
+def enqueue(celery: Celery, settings: Settings, job_id: str, attempt: int) -> Any:
+    """Publish one attempt of a job (sync; the API calls it in a worker thread)."""
+    return celery.send_task(
+        TASK_NAME,
+        args=[job_id, attempt],
+        queue=settings.queue_name,
+        ignore_result=True,
+    )

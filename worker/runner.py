@@ -1,0 +1,161 @@
+"""One attempt of one job: job id in, config from Redis, `mtl.trainer.train`, result out.
+
+This is the whole task body; the Celery task in `worker.tasks` only calls `run_attempt`.
+
+1. `begin` (Lua): only if the job's current attempt is this message's attempt and the job is
+   still queued; takes the lease (SET NX PX). Anything else (cancelled while queued, a stale
+   or duplicate message) returns at once.
+2. Train with a `RedisProgress` callback and a `LeaseKeeper` thread; `resume=True` continues
+   from the last complete checkpoint in the job's directory (that is how a re-queued attempt
+   resumes).
+3. `finish` (Lua, fenced): succeeded / cancelled / failed with the reason. `mtl` errors
+   (bad data, config, model, a non-finite loss) fail the job at once, without retry; only a
+   lost worker (lease expiry, see `worker.reaper`) earns another attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+import uuid
+from typing import Any
+
+from app.core.config import Settings
+from worker.datasets import resolver
+from worker.keys import Keys
+from worker.progress import STOP_CANCELLED, LeaseKeeper, RedisProgress
+from worker.store import JobStore, Lease
+
+__all__ = ["make_token", "run_attempt", "sync_redis"]
+
+log = logging.getLogger(__name__)
+
+
+def make_token() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def sync_redis(settings: Settings) -> Any:
+    import redis
+
+    return redis.Redis.from_url(
+        settings.require_redis_url(),
+        decode_responses=True,
+        health_check_interval=30,
+        socket_keepalive=True,
+    )
+
+
+def make_store(settings: Settings, client: Any) -> JobStore:
+    return JobStore(
+        client,
+        Keys(settings.key_prefix),
+        stream_maxlen=settings.stream_maxlen,
+        stream_ttl_s=settings.stream_ttl_s,
+    )
+
+
+def run_attempt(job_id: str, attempt: int, settings: Settings, client: Any = None) -> str:
+    """Run one attempt; returns what happened (for the log): the final state or why not."""
+    client = client if client is not None else sync_redis(settings)
+    store = make_store(settings, client)
+    lease = Lease(job_id, int(attempt), make_token())
+    lease_ms = int(settings.lease_ttl_s * 1000)
+    status, detail = store.begin(lease, lease_ms)
+    if status != "started":
+        log.info("job %s attempt %s not started: %s %s", job_id, attempt, status, detail)
+        return status
+
+    from mtl.callbacks import TrainControl
+    from mtl.config import TrainConfig
+    from mtl.errors import MTLError
+    from mtl.tensorboard import TensorBoardCallback
+
+    progress: RedisProgress | None = None
+    keeper: LeaseKeeper | None = None
+    error: str | None = None
+    result = None
+    try:
+        config = TrainConfig.model_validate_json(store.load_config(job_id) or "")
+        progress = RedisProgress(
+            store,
+            lease,
+            lease_ms=lease_ms,
+            monitor=config.monitor,
+            monitor_mode=config.monitor_mode,
+        )
+        keeper = LeaseKeeper(store, progress, lease_ms=lease_ms, interval=settings.cancel_poll_s)
+        keeper.start()
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        from mtl.trainer import train
+
+        output_dir = settings.job_dir(job_id)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        result = train(
+            config,
+            output_dir,
+            callbacks=[progress, TensorBoardCallback(output_dir / "tensorboard")],
+            control=TrainControl(),
+            resolve=resolver(settings.data_dir),
+            resume=True,
+        )
+    except MTLError as exc:
+        error = str(exc)
+    except Exception as exc:  # a bug or the environment (e.g. CUDA OOM): fail, do not loop
+        log.error("job %s attempt %s crashed:\n%s", job_id, attempt, traceback.format_exc())
+        error = f"internal error: {type(exc).__name__}: {exc}"
+    finally:
+        if keeper is not None:
+            keeper.stop()
+
+    if progress is not None and progress.stale:
+        log.warning("job %s attempt %s was superseded; leaving it alone", job_id, attempt)
+        return "stale"
+    fields: dict[str, Any] = {}
+    if progress is not None:
+        fields.update(progress.progress())
+        fields["latest"] = progress.latest
+        fields["best"] = progress.best
+    if error is not None:
+        state = "failed"
+    elif result is not None and result.outcome == "completed":
+        state = "succeeded"
+        fields["model"] = "1" if result.model_dir is not None else "0"
+        fields["final_metrics"] = _final_summary(result.metrics)
+        if result.state.stop_reason:
+            fields["stop_reason"] = result.state.stop_reason
+    elif progress is not None and progress.stop_reason == STOP_CANCELLED:
+        state = "cancelled"
+        error = "cancelled by request"
+    else:
+        state = "failed"
+        error = f"training stopped unexpectedly: {getattr(result, 'outcome', None)}"
+    if not store.finish(lease, state, error=error, fields=fields):
+        log.warning("job %s attempt %s: finish was fenced off (stale)", job_id, attempt)
+        return "stale"
+    log.info("job %s attempt %s: %s%s", job_id, attempt, state, f" ({error})" if error else "")
+    return state
+
+
+_TABLES = ("per_class", "confusion_matrix")
+
+
+def _final_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The final validation/test reports without per-class tables."""
+    out: dict[str, Any] = {}
+    for split, report in (metrics or {}).items():
+        if not report:
+            continue
+        out[split] = {
+            "tasks": {
+                task: {k: v for k, v in values.items() if k not in _TABLES}
+                for task, values in report.get("tasks", {}).items()
+            },
+            "mean": report.get("mean"),
+        }
+    return out
