@@ -65,10 +65,12 @@ def _tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy": np_state[1].tolist(),
+        "numpy_pos": int(np_state[2]),
         "python": list(random.getstate()[1]),
         "python_version": int(random.getstate()[0]),
     }
@@ -205,12 +207,15 @@ class Checkpointer:
         strategy.load_state_dict(
             load_file(str(path / "strategy.safetensors"), device=str(map_location))
         )
-        load = {"map_location": map_location, "weights_only": True}
         return LoadedCheckpoint(
             path=path,
             state=TrainState.from_dict(json.loads((path / "trainer_state.json").read_text())),
-            optimizer=torch.load(path / "optimizer.pt", **load),
-            scheduler=torch.load(path / "scheduler.pt", **load),
+            optimizer=torch.load(
+                path / "optimizer.pt", map_location=map_location, weights_only=True
+            ),
+            scheduler=torch.load(
+                path / "scheduler.pt", map_location=map_location, weights_only=True
+            ),
             extra=torch.load(path / "extra.pt", map_location="cpu", weights_only=True),
         )
 

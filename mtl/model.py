@@ -62,9 +62,9 @@ def _build_random(config: dict[str, Any]) -> nn.Module:
 class SentenceEncoder(nn.Module):
     """A transformer plus mask-aware pooling: token ids in, one vector per text out."""
 
-    def __init__(self, transformer: nn.Module, pooling: str = "mean", normalize: bool = False):
+    def __init__(self, transformer: Any, pooling: str = "mean", normalize: bool = False):
         super().__init__()
-        self.transformer = transformer
+        self.transformer: Any = transformer  # a transformers PreTrainedModel
         self.pooling = pooling
         self.normalize = normalize
 

@@ -149,8 +149,8 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def _loss_functions(self) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
-        fns = {}
+    def _loss_functions(self) -> dict[str, Callable[..., Tensor]]:
+        fns: dict[str, Callable[..., Tensor]] = {}
         for task in self.config.tasks:
             weight = None
             if task.class_weights == "balanced":

@@ -46,8 +46,8 @@ class WeightingStrategy(nn.Module):
             total = total + reg
         return total, w
 
-    def observe(self, losses: dict[str, float]) -> None:
-        """Called after every optimizer step with the detached losses of that step."""
+    def observe(self, losses: dict[str, Tensor]) -> None:
+        """Called after every forward (micro-batch) with its detached per-task losses."""
 
     def end_epoch(self) -> None:
         """Called at the end of each epoch."""

@@ -49,7 +49,7 @@ class DWA(WeightingStrategy):
             for name, loss in losses.items()
         }
 
-    def observe(self, losses: dict[str, float]) -> None:
+    def observe(self, losses: dict[str, Tensor]) -> None:
         for name, value in losses.items():
             v = float(value)
             if math.isfinite(v):

@@ -30,7 +30,9 @@ from app.api.deps import (
     SettingsDep,
 )
 from app.api.schemas import (
+    MAX_OFFSET,
     CancelOut,
+    ConflictOut,
     JobCreate,
     JobList,
     JobOut,
@@ -40,11 +42,12 @@ from app.api.schemas import (
     PredictIn,
     PredictOut,
     Progress,
+    error_responses,
     example_job,
 )
-from app.api.validation import check_model_name, check_sources
+from app.api.validation import check_model_name, check_sources, strict_job_body
 from app.core.config import Settings
-from app.core.errors import Conflict, Invalid, NotFound
+from app.core.errors import Conflict, Invalid, NotFound, TooManyJobs
 from app.core.events import HubRegistry, follow
 from mtl.config import TrainConfig
 from mtl.errors import ModelError
@@ -54,7 +57,8 @@ __all__ = ["router"]
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 503))
+
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _DROP_FROM_LATEST = ("per_class", "confusion_matrix")
@@ -150,8 +154,17 @@ def _archive_dir(folder: Path, target: Path, arcname: str) -> Path:
     response_model=JobOut,
     summary="Submit a training job",
     responses={
-        409: {"description": "the Idempotency-Key is in use by a different request"},
+        **error_responses(400, 413),
+        409: {
+            "model": ConflictOut,
+            "description": "the Idempotency-Key is in use by a different request",
+        },
         422: {"description": "invalid config or datasets; `detail[].loc` names the field"},
+        429: {
+            "description": "the API key has its limit of queued and running jobs "
+            "(MTL_MAX_ACTIVE_JOBS_PER_KEY); retry after `Retry-After` seconds",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        },
     },
 )
 async def submit_job(
@@ -187,6 +200,7 @@ async def submit_job(
 
     The body is the training config (the schema `mtl train` reads) with an optional `name`.
     """
+    body = strict_job_body(await request.body())
     config = TrainConfig.model_validate(body.model_dump(exclude={"name"}))
     check_model_name(config, settings)
     await check_sources(config, owner, datasets, settings)
@@ -198,9 +212,16 @@ async def submit_job(
         max_attempts=settings.max_restarts + 1,
         idempotency_key=key,
         fingerprint=_fingerprint(body),
+        max_active=settings.max_active_jobs_per_key,
     )
     if outcome == "conflict":
         raise Conflict("this Idempotency-Key was already used for a different request")
+    if outcome == "limited":
+        raise TooManyJobs(
+            f"this API key already has {job_id} queued or running jobs, the limit is "
+            f"{settings.max_active_jobs_per_key}: wait for one to finish, or cancel one",
+            settings.retry_after_s,
+        )
     if record is None:  # an idempotent replay of a job deleted since
         raise NotFound(f"job {job_id} not found")
     if outcome == "created":
@@ -227,7 +248,7 @@ async def list_jobs(
     jobs: JobStoreDep,
     settings: SettingsDep,
     state: JobState | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     limit = min(limit, settings.page_size_max)
@@ -245,7 +266,12 @@ async def list_jobs(
     )
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="A job's state, progress and metrics")
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    summary="A job's state, progress and metrics",
+    responses=error_responses(404),
+)
 async def get_job(job: JobDep, jobs: JobStoreDep) -> JobOut:
     position = None
     if job["state"] == "queued":
@@ -253,7 +279,7 @@ async def get_job(job: JobDep, jobs: JobStoreDep) -> JobOut:
     return job_out(job, position)
 
 
-@router.get("/{job_id}/config", summary="The job's training config")
+@router.get("/{job_id}/config", summary="The job's training config", responses=error_responses(404))
 async def get_config(job: JobDep, jobs: JobStoreDep) -> dict[str, Any]:
     raw = await jobs.load_config(job["id"])
     if raw is None:
@@ -266,7 +292,11 @@ async def get_config(job: JobDep, jobs: JobStoreDep) -> dict[str, Any]:
     "/{job_id}/tensorboard",
     response_class=FileResponse,
     summary="The job's TensorBoard event files as a .tar.gz",
-    responses={200: {"content": {"application/gzip": {}}}, 409: {"description": "not yet"}},
+    responses={
+        **error_responses(404),
+        200: {"content": {"application/gzip": {}}},
+        409: {"model": ConflictOut, "description": "not yet"},
+    },
 )
 async def download_tensorboard(job: JobDep, settings: SettingsDep) -> FileResponse:
     """Open with `tar xzf ...; tensorboard --logdir tensorboard`."""
@@ -280,13 +310,18 @@ async def download_tensorboard(job: JobDep, settings: SettingsDep) -> FileRespon
     )
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsOut, summary="The metric history")
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricsOut,
+    summary="The metric history",
+    responses=error_responses(404),
+)
 async def get_metrics(
     job: JobDep,
     jobs: JobStoreDep,
     task: Annotated[str | None, Query(max_length=64)] = None,
     split: Literal["train", "validation", "test"] | None = None,
-    since_step: Annotated[int | None, Query(ge=0)] = None,
+    since_step: Annotated[int | None, Query(ge=0, le=2**53)] = None,
 ) -> MetricsOut:
     """Train logs (split `train`) and evaluations, one item per (kind, split, step).
 
@@ -314,6 +349,7 @@ async def get_metrics(
     "/{job_id}/events",
     response_class=EventSourceResponse,
     summary="Server-sent events: logs, evaluations, checkpoints, state changes",
+    responses=error_responses(401, 404, 503, json_content=True),
 )
 async def stream_events(
     request: Request,
@@ -360,7 +396,10 @@ async def stream_events(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=CancelOut,
     summary="Cancel a job",
-    responses={409: {"description": "the job already succeeded or failed"}},
+    responses={
+        **error_responses(404),
+        409: {"model": ConflictOut, "description": "the job already succeeded or failed"},
+    },
 )
 async def cancel_job(job: JobDep, jobs: JobStoreDep) -> CancelOut:
     """A queued job is cancelled at once (it never starts); a running one stops within one
@@ -370,14 +409,17 @@ async def cancel_job(job: JobDep, jobs: JobStoreDep) -> CancelOut:
         raise NotFound(f"job {job['id']} not found")
     if outcome == "finished":
         raise Conflict(f"job {job['id']} already {previous}", previous)
-    return CancelOut(id=job["id"], state=outcome)  # type: ignore[arg-type]
+    return CancelOut(id=job["id"], state=outcome)
 
 
 @router.delete(
     "/{job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a finished job (its keys and files)",
-    responses={409: {"description": "the job has not finished"}},
+    responses={
+        **error_responses(404),
+        409: {"model": ConflictOut, "description": "the job has not finished"},
+    },
 )
 async def delete_job(
     job: JobDep,
@@ -401,7 +443,11 @@ async def delete_job(
     "/{job_id}/model",
     response_class=FileResponse,
     summary="The exported model as a .tar.gz",
-    responses={200: {"content": {"application/gzip": {}}}, 409: {"description": "not yet"}},
+    responses={
+        **error_responses(404),
+        200: {"content": {"application/gzip": {}}},
+        409: {"model": ConflictOut, "description": "not yet"},
+    },
 )
 async def download_model(job: JobDep, settings: SettingsDep) -> FileResponse:
     """A `model/` folder: the encoder (`transformers.AutoModel.from_pretrained`), tokenizer,
@@ -412,7 +458,15 @@ async def download_model(job: JobDep, settings: SettingsDep) -> FileResponse:
     return FileResponse(path, media_type="application/gzip", filename=f"{job['id']}-model.tar.gz")
 
 
-@router.post("/{job_id}/predict", response_model=PredictOut, summary="Classify texts")
+@router.post(
+    "/{job_id}/predict",
+    response_model=PredictOut,
+    summary="Classify texts",
+    responses={
+        **error_responses(400, 404, 413),
+        409: {"model": ConflictOut, "description": "the job has no usable model (yet)"},
+    },
+)
 async def predict(
     request: Request,
     body: PredictIn,
