@@ -7,14 +7,19 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 import mtl
+from app.api.deps import KeyGate
 from app.api.errors import install_error_handlers
 from app.api.routes import configs, dashboard, datasets, health, jobs
+from app.api.schemas import require_discriminator_tags
 from app.core.config import Settings, get_settings
 from app.core.events import HubRegistry
 from app.core.metrics import ServiceMetrics
@@ -27,6 +32,8 @@ from worker.store import AsyncJobStore
 __all__ = ["create_app"]
 
 log = logging.getLogger("app")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 DESCRIPTION = """
 Train multi-task sentence encoders as jobs.
@@ -98,8 +105,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
+    _generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            require_discriminator_tags(_generate_openapi())
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.metrics = ServiceMetrics()
+    # (the last added is the outermost: CORS, then the metrics, then the key check)
+    app.add_middleware(KeyGate, settings=settings)
     app.add_middleware(app.state.metrics.middleware)
+    if settings.cors_origins:
+        # Only the listed origins, no credentials mode (the key travels in a header the page
+        # sets itself); without MTL_CORS_ORIGINS no CORS header is ever sent.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Location", "Idempotent-Replayed", "Retry-After"],
+            allow_credentials=False,
+            max_age=600,
+        )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router, prefix="/v1")
@@ -108,5 +138,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         datasets.router, prefix="/v1", max_body_size=settings.max_upload_bytes + 64 * 1024
     )
     app.include_router(dashboard.router)
-    app.mount("/static", StaticFiles(packages=[("app", "static")]), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
