@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from mtl.config import TrainConfig
 from mtl.errors import ModelError
-from mtl.model import MultiTaskModel, load_tokenizer
+from mtl.model import MultiTaskModel, load_tokenizer, resolve_model_path
 
 __all__ = ["MTL_FILE", "export_model"]
 
@@ -48,12 +48,15 @@ def export_model(
     if tokenizer is None and config.encoder.random_init is not None:
         # A random-init encoder trained on token ids: pair it with the tokenizer of
         # `encoder.model` (BERT's vocabulary by default) when that tokenizer fits its vocabulary.
-        try:
-            candidate = load_tokenizer(config.encoder.model)
-            if len(candidate) <= model.encoder.transformer.config.vocab_size:
-                tokenizer = candidate
-        except ModelError:
-            tokenizer = None
+        # Only a local copy (never a hub download at export time).
+        local = Path(resolve_model_path(config.encoder.model))
+        if local.is_dir():
+            try:
+                candidate = load_tokenizer(str(local))
+                if len(candidate) <= model.encoder.transformer.config.vocab_size:
+                    tokenizer = candidate
+            except ModelError:
+                tokenizer = None
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     heads = {
