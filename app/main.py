@@ -51,15 +51,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
         if settings.open_access:
             log.warning("no API keys configured (MTL_API_KEYS): open access, for local use only")
         # Blocking pool: under a burst, requests wait for a free connection instead of failing.
+        # A stalled Redis must cost a request `redis_timeout_s` and a 503, not a hang. One
+        # immediate retry after a connection error (a pooled connection that died with a Redis
+        # restart), none after a timeout: the command may still run when Redis wakes up, and
+        # a retried submit script would make a second job.
         pool = aioredis.BlockingConnectionPool.from_url(
             settings.require_redis_url(),
             max_connections=settings.redis_max_connections,
             timeout=10,
-            socket_timeout=10,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             decode_responses=True,
             health_check_interval=30,
             socket_keepalive=True,
@@ -78,7 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The hub's blocking XREAD must return well within the socket timeout; subscribers
         # keep their own keep-alive timers.
         app.state.hubs = HubRegistry(
-            app.state.jobs, block_ms=int(min(settings.sse_keepalive_s, 2.0) * 1000)
+            app.state.jobs,
+            block_ms=int(min(settings.sse_keepalive_s, 2.0, settings.redis_timeout_s / 2) * 1000),
         )
         app.state.celery = make_celery(settings)
         app.state.publisher = ThreadPoolExecutor(1, thread_name_prefix="publish")

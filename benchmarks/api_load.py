@@ -87,6 +87,7 @@ class Stack:
             "MTL_SSE_KEEPALIVE_S": "5",
             "MTL_HEARTBEAT_S": "1",
             "MTL_TORCH_THREADS": "1",
+            "MTL_MAX_ACTIVE_JOBS_PER_KEY": "0",  # the submit benchmark queues thousands
             "TOKENIZERS_PARALLELISM": "false",
         }
 

@@ -40,19 +40,24 @@ time is from the moment it gets the baton to the moment it hands it back, so the
 the same machine within seconds of each other. hf and tutorial, which run fewer steps, take a
 turn only every k-th cycle so that their steps are spread over the same stretch of time. Set-up
 and everything after the last timed step run while holding the baton and are outside the
-window. Each group is repeated `--rounds` times (the turn order rotates, and reverses every
-other round); reported values are medians over rounds.
+window. For every step the CPU time that other processes used meanwhile is recorded (from
+/proc/stat), and reported as a share of the machine.
+
+Each group is repeated `--rounds` times (the turn order rotates, and reverses every other
+round). Every round trains on the same batches in the same order, so for each variant and step
+the shortest time over the rounds is the run least disturbed by other processes ("best of
+rounds", the headline numbers, as `timeit` recommends); each round's own values are reported
+beside it.
 
 Throughput is examples per second over the window. Ratios: mtl/minimal (the cost of the
 trainer's loop, metrics and callbacks; target >= 0.98), mtl/hf (target >= 1.8), mtl/tutorial
 (target >= 5), and each strategy's step time over sum's (PCGrad/MGDA at representation level:
 target <= 1.15; at parameters level about 1.85 is expected). Variants that train on the same
-batches (mtl, minimal, mtl bf16; all strategies) are compared step by step: the ratio is the
-median over the timed steps of the per-step ratio, which a burst of load from another process
-barely moves; the ratio of the window sums is reported beside it. Results go to a JSON file;
-docs/performance.md discusses them. `--profile` also prints where the time of one step goes
-(torch.profiler) for a batch of the epoch's mean width and for a 128-wide one, and times Adam's
-step, fused and for-loop.
+batches (mtl, minimal, mtl bf16; all strategies) are compared step by step: the median over the
+timed steps of the per-step time ratio. Others are compared by window throughput. Results go to
+a JSON file; docs/performance.md discusses them. `--profile` also prints where the time of one
+step goes (torch.profiler) for a batch of the epoch's mean width and for a 128-wide one, and
+times Adam's step, fused and for-loop.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import resource
@@ -139,7 +145,9 @@ class Baton:
         self.cond = threading.Condition()
         self.timeout = timeout
         self.step_times: dict[str, list[float]] = {name: [] for name in order}
-        self._resumed: dict[str, float] = {}
+        # CPU seconds that other processes used during each step (a sign of interference)
+        self.foreign_cpu: dict[str, list[float]] = {name: [] for name in order}
+        self._resumed: dict[str, tuple[float, float, float]] = {}
 
     def _wait(self, name: str) -> None:
         if not self.cond.wait_for(lambda: self.turn == name, timeout=self.timeout):
@@ -148,16 +156,18 @@ class Baton:
     def acquire(self, name: str) -> None:
         with self.cond:
             self._wait(name)
-        self._resumed[name] = time.perf_counter()
+        self._resumed[name] = _clocks()
 
     def tick(self, name: str, *, hold: bool = False) -> None:
         """End of one optimizer step. `hold`: keep the baton (the last timed step)."""
-        self.step_times[name].append(time.perf_counter() - self._resumed[name])
+        wall, busy, own = (b - a for a, b in zip(self._resumed[name], _clocks(), strict=True))
+        self.step_times[name].append(wall)
+        self.foreign_cpu[name].append(max(busy - own, 0.0))
         if not hold:
             with self.cond:
                 self._advance(self.order.index(name) + 1)
                 self._wait(name)
-        self._resumed[name] = time.perf_counter()
+        self._resumed[name] = _clocks()
 
     def _advance(self, pos: int) -> None:
         """Give the turn to the first participant at or after `pos` whose cycle it is."""
@@ -180,12 +190,27 @@ class Baton:
                 self._advance(i)
 
 
+def _clocks() -> tuple[float, float, float]:
+    """(wall time, CPU seconds used by the whole machine, CPU seconds used by this process)."""
+    busy = math.nan
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+        # user nice system idle iowait irq softirq steal: count all but idle and iowait
+        ticks = sum(int(fields[i]) for i in (1, 2, 3, 6, 7, 8))
+        busy = ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return time.perf_counter(), busy, time.process_time()
+
+
 def run_lockstep(
     participants: dict[str, Callable[[Baton, str], dict[str, Any]]],
     order: list[str],
     period: dict[str, int] | None = None,
-) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]]]:
-    """Run every participant in its own thread, in lock-step; their step times and extras."""
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, Any]]]:
+    """Run every participant in its own thread, in lock-step: their step times and the CPU
+    time other processes used during each step; and what each participant returned."""
     baton = Baton(order, period)
     extras: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
@@ -206,7 +231,7 @@ def run_lockstep(
         t.join()
     if errors:
         raise RuntimeError("\n".join(f"[{n}]\n{tb}" for n, tb in errors.items()))
-    return baton.step_times, extras
+    return {"step_times": baton.step_times, "foreign_cpu": baton.foreign_cpu}, extras
 
 
 def rotation(names: list[str], round_index: int) -> list[str]:
@@ -217,9 +242,60 @@ def rotation(names: list[str], round_index: int) -> list[str]:
     return order[::-1] if round_index % 2 else order
 
 
-def paired_ratio(num: list[float], den: list[float], timed: slice) -> float:
-    """Median over the timed steps of num[i] / den[i] (two variants on the same batches)."""
-    return statistics.median(a / b for a, b in zip(num[timed], den[timed], strict=True))
+def summarise(
+    raw: list[dict[str, dict[str, list[float]]]],
+    steps: dict[str, int],
+    warmup: int,
+    ratios: dict[str, tuple[str, str, bool]],
+) -> dict[str, Any]:
+    """Throughput and ratios per round, and from the best of the rounds.
+
+    `ratios[label] = (num, den, paired)`: with `paired` (the two ran the same batches) the
+    median over the timed steps of time[num][i] / time[den][i]; otherwise the ratio of the
+    window throughputs of den and num (`den` faster: > 1). Every round runs the same batches in
+    the same order, so "best" takes, for each variant and step, the shortest of its times over
+    the rounds: the run least disturbed by other processes.
+    """
+
+    def timed(times: list[float], k: str) -> list[float]:
+        part = times[warmup : warmup + steps[k]]
+        if len(part) != steps[k]:
+            raise RuntimeError(f"{k}: expected {warmup + steps[k]} steps, got {len(times)}")
+        return part
+
+    def evaluate(times: dict[str, list[float]]) -> dict[str, Any]:
+        win = {k: timed(v, k) for k, v in times.items()}
+        eps = {k: steps[k] * BATCH / sum(v) for k, v in win.items()}
+        out = {}
+        for label, (num, den, paired) in ratios.items():
+            if num in win and den in win:
+                if paired:
+                    pairs = zip(win[num], win[den], strict=True)
+                    out[label] = statistics.median(a / b for a, b in pairs)
+                else:
+                    out[label] = eps[den] / eps[num]
+        return {"examples_per_s": eps, "ratios": out}
+
+    rounds = []
+    for r in raw:
+        res = evaluate(r["step_times"])
+        res["foreign_cpu_share"] = {
+            k: sum(timed(r["foreign_cpu"][k], k)) / (sum(timed(v, k)) * (os.cpu_count() or 1))
+            for k, v in r["step_times"].items()
+        }
+        res |= r
+        rounds.append(res)
+    names = list(raw[0]["step_times"])
+    best_times = {
+        k: [min(values) for values in zip(*(r["step_times"][k] for r in raw), strict=True)]
+        for k in names
+    }
+    best = evaluate(best_times)
+    median = {
+        key: {k: statistics.median(r[key][k] for r in rounds) for k in rounds[0][key]}
+        for key in ("examples_per_s", "ratios")
+    }
+    return {"best": best, "median": median, "rounds": rounds}
 
 
 # ------------------------------------------------------------------------------------ data
@@ -514,13 +590,6 @@ def tutorial_variant(
 # ------------------------------------------------------------------------------------ rounds
 
 
-def window(times: list[float], warmup: int, steps: int) -> float:
-    part = times[warmup : warmup + steps]
-    if len(part) != steps:
-        raise RuntimeError(f"expected {warmup + steps} steps, got {len(times)}")
-    return float(sum(part))
-
-
 def run_loops(args: argparse.Namespace, train_csv: Path, rows: list[dict]) -> dict[str, Any]:
     steps = {"mtl": args.steps, "minimal": args.steps, "mtl bf16": args.steps}
     steps |= {"hf": args.baseline_steps, "tutorial": args.baseline_steps}
@@ -539,8 +608,7 @@ def run_loops(args: argparse.Namespace, train_csv: Path, rows: list[dict]) -> di
     if args.skip_bf16:
         del participants["mtl bf16"]
     names = list(participants)
-    timed = slice(args.warmup, n["mtl"])
-    rounds = []
+    raw = []
     extras: dict[str, Any] = {}
     for r in range(args.rounds):
         order = rotation(names, r)
@@ -548,47 +616,28 @@ def run_loops(args: argparse.Namespace, train_csv: Path, rows: list[dict]) -> di
         started = time.perf_counter()
         times, extras = run_lockstep(participants, order, {"hf": spread, "tutorial": spread})
         wall = time.perf_counter() - started
-        win = {k: window(v, args.warmup, steps[k]) for k, v in times.items()}
-        eps = {k: steps[k] * BATCH / v for k, v in win.items()}
-        ratios = {
-            "mtl / minimal": paired_ratio(times["minimal"], times["mtl"], timed),
-            "mtl / hf": eps["mtl"] / eps["hf"],
-            "mtl / tutorial": eps["mtl"] / eps["tutorial"],
-        }
-        window_ratios = {"mtl / minimal": win["minimal"] / win["mtl"]}
-        if "mtl bf16" in eps:
-            ratios["mtl bf16 / mtl"] = paired_ratio(times["mtl"], times["mtl bf16"], timed)
-            ratios["mtl bf16 / tutorial"] = eps["mtl bf16"] / eps["tutorial"]
-            window_ratios["mtl bf16 / mtl"] = win["mtl"] / win["mtl bf16"]
-        rounds.append(
-            {
-                "order": order,
-                "wall_s": wall,
-                "loadavg_1m_before": load0,
-                "loadavg_1m_after": os.getloadavg()[0],
-                "step_times": times,
-                "window_s": win,
-                "examples_per_s": eps,
-                "ratios": ratios,
-                "window_ratios": window_ratios,
-            }
-        )
+        raw.append(times | {"order": order, "wall_s": wall, "loadavg_1m_before": load0})
+        eps = {k: steps[k] * BATCH / sum(v[args.warmup :]) for k, v in times["step_times"].items()}
         print(
             f"  loops round {r + 1}/{args.rounds}: "
             + ", ".join(f"{k} {v:.1f} ex/s" for k, v in eps.items())
             + f" ({wall:.0f} s)",
             flush=True,
         )
+    ratios = {
+        "mtl / minimal": ("minimal", "mtl", True),
+        "mtl / hf": ("hf", "mtl", False),
+        "mtl / tutorial": ("tutorial", "mtl", False),
+        "mtl bf16 / mtl": ("mtl", "mtl bf16", True),
+        "mtl bf16 / tutorial": ("tutorial", "mtl bf16", False),
+    }
     window_widths = extras["minimal"].pop("widths")[args.warmup :]
     epoch_widths = extras["minimal"].pop("epoch_widths")
     hf_widths = extras["hf"].pop("widths")[args.warmup :]
     return {
         "steps": steps,
         "spread": spread,
-        "rounds": rounds,
-        "examples_per_s": _median_of(rounds, "examples_per_s"),
-        "ratios": _median_of(rounds, "ratios"),
-        "window_ratios": _median_of(rounds, "window_ratios"),
+        **summarise(raw, steps, args.warmup, ratios),
         "padded_width": {
             "mtl window": float(np.mean(window_widths)),
             "mtl epoch": float(np.mean(epoch_widths)),
@@ -601,47 +650,24 @@ def run_loops(args: argparse.Namespace, train_csv: Path, rows: list[dict]) -> di
 
 def run_strategies(args: argparse.Namespace, train_csv: Path) -> dict[str, Any]:
     n = args.warmup + args.strategy_steps
-    timed = slice(args.warmup, n)
     participants = {}
     for name, override in STRATEGIES.items():
         extra = {"grad_conflict_every": 0} | override
         config = make_config(train_csv, args.model, max_steps=n + 1, **extra)
         participants[name] = mtl_variant(config, n, record=False)
     names = list(participants)
-    rounds = []
+    raw = []
     for r in range(args.rounds):
         order = rotation(names, r)
         load0 = os.getloadavg()[0]
         started = time.perf_counter()
         times, _ = run_lockstep(participants, order)
         wall = time.perf_counter() - started
-        win = {k: window(v, args.warmup, args.strategy_steps) for k, v in times.items()}
-        rounds.append(
-            {
-                "order": order,
-                "wall_s": wall,
-                "loadavg_1m_before": load0,
-                "loadavg_1m_after": os.getloadavg()[0],
-                "step_times": times,
-                "window_s": win,
-                "examples_per_s": {k: args.strategy_steps * BATCH / v for k, v in win.items()},
-                "relative_step_time": {
-                    k: paired_ratio(v, times["sum"], timed) for k, v in times.items()
-                },
-                "window_relative_step_time": {k: v / win["sum"] for k, v in win.items()},
-            }
-        )
+        raw.append(times | {"order": order, "wall_s": wall, "loadavg_1m_before": load0})
         print(f"  strategies round {r + 1}/{args.rounds} ({wall:.0f} s)", flush=True)
-    return {
-        "rounds": rounds,
-        "examples_per_s": _median_of(rounds, "examples_per_s"),
-        "relative_step_time": _median_of(rounds, "relative_step_time"),
-        "window_relative_step_time": _median_of(rounds, "window_relative_step_time"),
-    }
-
-
-def _median_of(rounds: list[dict[str, Any]], key: str) -> dict[str, float]:
-    return {k: statistics.median(r[key][k] for r in rounds) for k in rounds[0][key]}
+    steps = dict.fromkeys(names, args.strategy_steps)
+    ratios = {k: (k, "sum", True) for k in names}
+    return {"steps": steps, **summarise(raw, steps, args.warmup, ratios)}
 
 
 # ------------------------------------------------------------------------------------ profile
@@ -712,45 +738,49 @@ def profile_steps(args: argparse.Namespace, train_csv: Path) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
+    """Markdown tables: best of the rounds first, then each round's value."""
+
+    def per_round(group: dict[str, Any], key: str, k: str, fmt: str) -> str:
+        return ", ".join(format(r[key][k], fmt) for r in group["rounds"])
+
     lines = []
     if "loops" in result:
         loops = result["loops"]
-        eps, ratios, width = loops["examples_per_s"], loops["ratios"], loops["padded_width"]
+        width = loops["padded_width"]
+        w = {"hf": width["hf window"], "tutorial": width["tutorial"]}
         lines += [
-            "| loop | examples/s | mean padded width | timed steps |",
-            "|---|---:|---:|---:|",
+            "| loop | examples/s (best) | per round | mean padded width | timed steps "
+            "| other processes' CPU share, per round |",
+            "|---|---:|---|---:|---:|---|",
         ]
-        w = {
-            "mtl": width["mtl window"],
-            "minimal": width["mtl window"],
-            "mtl bf16": width["mtl window"],
-            "hf": width["hf window"],
-            "tutorial": width["tutorial"],
-        }
-        lines += [f"| {k} | {v:.1f} | {w[k]:.1f} | {loops['steps'][k]} |" for k, v in eps.items()]
+        for k, v in loops["best"]["examples_per_s"].items():
+            lines.append(
+                f"| {k} | {v:.1f} | {per_round(loops, 'examples_per_s', k, '.1f')} "
+                f"| {w.get(k, width['mtl window']):.1f} | {loops['steps'][k]} "
+                f"| {per_round(loops, 'foreign_cpu_share', k, '.0%')} |"
+            )
         lines += [
             "",
-            "| ratio | median | rounds | window-sum ratio | target | met |",
-            "|---|---:|---|---:|---|---|",
+            "| ratio | best of rounds | per round | target | met |",
+            "|---|---:|---|---|---|",
         ]
-        for k, v in ratios.items():
-            per_round = ", ".join(f"{r['ratios'][k]:.3f}" for r in loops["rounds"])
-            win = loops["window_ratios"].get(k)
-            win_s = f"{win:.3f}" if win is not None else "(= median)"
-            lines.append(f"| {k} | {v:.3f} | {per_round} | {win_s} | {_target(k, v)} |")
+        for k, v in loops["best"]["ratios"].items():
+            lines.append(
+                f"| {k} | {v:.3f} | {per_round(loops, 'ratios', k, '.3f')} | {_target(k, v)} |"
+            )
         lines.append("")
     if "strategies" in result:
         st = result["strategies"]
         lines += [
-            "| strategy | examples/s | step time / sum | rounds | window-sum ratio | target "
-            "| met |",
-            "|---|---:|---:|---|---:|---|---|",
+            "| strategy | examples/s (best) | step time / sum (best) | per round | target | met "
+            "| other processes' CPU share, per round |",
+            "|---|---:|---:|---|---|---|---|",
         ]
-        for k, v in st["relative_step_time"].items():
-            per_round = ", ".join(f"{r['relative_step_time'][k]:.3f}" for r in st["rounds"])
+        for k, v in st["best"]["ratios"].items():
             lines.append(
-                f"| {k} | {st['examples_per_s'][k]:.1f} | {v:.3f} | {per_round} | "
-                f"{st['window_relative_step_time'][k]:.3f} | {_target(k, v)} |"
+                f"| {k} | {st['best']['examples_per_s'][k]:.1f} | {v:.3f} "
+                f"| {per_round(st, 'ratios', k, '.3f')} | {_target(k, v)} "
+                f"| {per_round(st, 'foreign_cpu_share', k, '.0%')} |"
             )
     return "\n".join(lines)
 

@@ -7,6 +7,11 @@ one Lua call; when the job was cancelled, or this attempt is no longer the job's
 (fencing), it sets the flag and the loop stops after the current step. Logs, evaluations and
 checkpoints are appended to the job's event stream (and metric history) as they happen, each
 tagged with (attempt, step); the append is fenced too.
+
+Redis unavailable (restarted, failing over, a network blip): the training thread waits for it
+at its next event (`wait_for_redis`) instead of failing the job, then goes on; the fencing
+decides whether this attempt still owns the job (if the outage outlived the lease and the
+reaper moved the job on, the attempt stops without writing).
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mtl.callbacks import Callback, TrainControl, TrainState
 from worker.store import JobStore, Lease, make_event
 
-__all__ = ["STOP_CANCELLED", "STOP_STALE", "LeaseKeeper", "RedisProgress"]
+__all__ = ["STOP_CANCELLED", "STOP_STALE", "LeaseKeeper", "RedisProgress", "wait_for_redis"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,32 @@ STOP_CANCELLED = "cancelled by request"
 STOP_STALE = "stale attempt: the job moved on without this worker"
 
 _SUMMARY_KEYS = ("loss", "accuracy", "macro_f1", "weighted_f1")
+
+T = TypeVar("T")
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)  # BusyLoadingError is a ConnectionError
+
+
+def wait_for_redis(call: Callable[[], T], what: str, *, max_delay: float = 2.0) -> T:
+    """`call()`, repeated with backoff while Redis cannot be reached, until it answers.
+
+    For the calls one attempt makes (begin, events, finish): an outage must not fail the
+    job (an error would) nor leave it running with nobody to finish it (a crash would). The
+    scripts are fenced by the attempt, and an event append recognises its own retry.
+    """
+    delay, since = 0.1, None
+    while True:
+        try:
+            result = call()
+        except REDIS_DOWN as exc:
+            if since is None:
+                since = time.monotonic()
+                log.warning("Redis unavailable while %s (%s); waiting for it", what, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)
+            continue
+        if since is not None:
+            log.warning("Redis is back after %.1fs (%s)", time.monotonic() - since, what)
+        return result
 
 
 class RedisProgress(Callback):
@@ -75,7 +110,9 @@ class RedisProgress(Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, state: TrainState, control: TrainControl) -> None:
         self.state = state
-        resumed = self.store.resume(self.lease, state.step)
+        resumed = wait_for_redis(
+            lambda: self.store.resume(self.lease, state.step), "resuming the history"
+        )
         if resumed is None:
             self.request_stop(STOP_STALE)
             control.stop(STOP_STALE)
@@ -136,17 +173,20 @@ class RedisProgress(Callback):
         fields: dict[str, Any] | None = None,
     ) -> None:
         if type_ is None:  # fields only
-            ok, cancel = self.store.renew(self.lease, self.lease_ms, fields or {})
+            ok, cancel = wait_for_redis(
+                lambda: self.store.renew(self.lease, self.lease_ms, fields or {}), "renewing"
+            )
             if cancel:
                 self.request_stop(STOP_CANCELLED)
         else:
             event = make_event(type_, self.lease.attempt, state.step, data)
-            ok = (
-                self.store.append(
+            appended = wait_for_redis(
+                lambda: self.store.append(
                     self.lease, type_, state.step, event, metric=metric, fields=fields
-                )
-                is not None
+                ),
+                f"writing a {type_} event",
             )
+            ok = appended is not None
         if not ok:
             self.request_stop(STOP_STALE)
 

@@ -31,6 +31,12 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=False,
         task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
+        # No prefetch at all (Celery >= 5.6, Redis broker): with early acks and a multiplier
+        # of 1 a busy worker still reserves the *next* message while its job trains; if that
+        # worker is then killed, the reserved message sits in kombu's `unacked` hash until
+        # `visibility_timeout` and the job behind it stays queued for an hour. Now a worker
+        # takes a message only when its process slot is free.
+        worker_disable_prefetch=True,
         worker_max_tasks_per_child=1,  # a fresh child process (and GPU memory) per job
         worker_concurrency=1,
         task_ignore_result=True,

@@ -11,6 +11,9 @@ This is the whole task body; the Celery task in `worker.tasks` only calls `run_a
 3. `finish` (Lua, fenced): succeeded / cancelled / failed with the reason. `mtl` errors
    (bad data, config, model, a non-finite loss) fail the job at once, without retry; only a
    lost worker (lease expiry, see `worker.reaper`) earns another attempt.
+
+Redis being unreachable is neither: every call here and in `RedisProgress` waits for it
+(`worker.progress.wait_for_redis`), and the fencing decides afterwards.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 from app.core.config import Settings
 from worker.datasets import resolver
 from worker.keys import Keys
-from worker.progress import STOP_CANCELLED, LeaseKeeper, RedisProgress
+from worker.progress import STOP_CANCELLED, LeaseKeeper, RedisProgress, wait_for_redis
 from worker.store import JobStore, Lease
 
 __all__ = ["make_token", "run_attempt", "sync_redis"]
@@ -63,7 +66,7 @@ def run_attempt(job_id: str, attempt: int, settings: Settings, client: Any = Non
     store = make_store(settings, client)
     lease = Lease(job_id, int(attempt), make_token())
     lease_ms = int(settings.lease_ttl_s * 1000)
-    status, detail = store.begin(lease, lease_ms)
+    status, detail = wait_for_redis(lambda: store.begin(lease, lease_ms), "starting the job")
     if status != "started":
         log.info("job %s attempt %s not started: %s %s", job_id, attempt, status, detail)
         return status
@@ -78,7 +81,8 @@ def run_attempt(job_id: str, attempt: int, settings: Settings, client: Any = Non
     error: str | None = None
     result = None
     try:
-        config = TrainConfig.model_validate_json(store.load_config(job_id) or "")
+        raw = wait_for_redis(lambda: store.load_config(job_id), "reading the config")
+        config = TrainConfig.model_validate_json(raw or "")
         progress = RedisProgress(
             store,
             lease,
@@ -135,7 +139,10 @@ def run_attempt(job_id: str, attempt: int, settings: Settings, client: Any = Non
     else:
         state = "failed"
         error = f"training stopped unexpectedly: {getattr(result, 'outcome', None)}"
-    if not store.finish(lease, state, error=error, fields=fields):
+    finished = wait_for_redis(
+        lambda: store.finish(lease, state, error=error, fields=fields), "finishing the job"
+    )
+    if not finished:
         log.warning("job %s attempt %s: finish was fenced off (stale)", job_id, attempt)
         return "stale"
     log.info("job %s attempt %s: %s%s", job_id, attempt, state, f" ({error})" if error else "")

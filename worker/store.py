@@ -123,7 +123,7 @@ end
 
 # KEYS: job, config, events, queued, queue_seq, owner_jobs, idem
 # ARGV: id, owner, name, config_json, now, max_attempts, fingerprint, idem_ttl, maxlen,
-#       created_ms, use_idem, owner_prefix
+#       created_ms, use_idem, owner_prefix, job key prefix, max_active (0: no limit)
 _CREATE = (
     _LIB
     + r"""
@@ -141,6 +141,14 @@ if ARGV[11] == '1' then
     end
     return answer('existing', id)
   end
+end
+local limit = tonumber(ARGV[14]) or 0
+if limit > 0 then
+  -- the owner's queued, running and cancelling jobs, counted in the same script that adds
+  -- one: concurrent submits cannot overshoot the limit
+  local active = redis.call('ZCARD', ARGV[12] .. 'queued')
+    + redis.call('ZCARD', ARGV[12] .. 'running') + redis.call('ZCARD', ARGV[12] .. 'cancelling')
+  if active >= limit then return {'limited', tostring(active), {}, -1} end
 end
 local seq = redis.call('INCR', KEYS[5])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[2], 'name', ARGV[3], 'state', 'queued',
@@ -203,6 +211,14 @@ _APPEND = r"""
 local rec = redis.call('HMGET', KEYS[1], 'attempt', 'state')
 if not rec[1] or tonumber(rec[1]) ~= tonumber(ARGV[1]) then return false end
 if rec[2] ~= 'running' and rec[2] ~= 'cancelling' then return false end
+-- A retry after a lost reply (Redis died after running this): the same event (its JSON has
+-- the attempt, step and a microsecond time) is already the last entry; do not add it twice.
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if last then
+  for i = 1, #last[2], 2 do
+    if last[2][i] == 'e' and last[2][i + 1] == ARGV[4] then return last[1] end
+  end
+end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
                       't', ARGV[2], 'a', ARGV[1], 's', ARGV[3], 'e', ARGV[4])
 if ARGV[6] == '1' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4]) end
@@ -567,12 +583,15 @@ class AsyncJobStore:
         max_attempts: int,
         idempotency_key: str | None = None,
         fingerprint: str = "",
+        max_active: int = 0,
     ) -> tuple[str, str, dict[str, Any] | None, int | None]:
         """Create a queued job in one round trip.
 
         Returns (outcome, job id, record, queue position): outcome is "created", "existing"
-        (the Idempotency-Key named an earlier job: that job's record) or "conflict" (the key
-        was used with another request; no record).
+        (the Idempotency-Key named an earlier job: that job's record), "conflict" (the key
+        was used with another request; no record) or "limited" (the owner already has
+        `max_active` queued/running/cancelling jobs; the second value is that count, no
+        record). A replay of an Idempotency-Key is answered before the limit is checked.
         """
         k = self.keys
         job_id = new_job_id()
@@ -584,7 +603,7 @@ class AsyncJobStore:
             args=[job_id, owner, name or "", config_json, now, max_attempts, fingerprint,
                   self.idem_ttl, self.maxlen, int(now * 1000),
                   "1" if idempotency_key else "0", k.owner_jobs_prefix(owner),
-                  k.job("")],
+                  k.job(""), max_active],
         )  # fmt: skip
         record = decode_record(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
         position = int(rank) + 1 if int(rank) >= 0 else None

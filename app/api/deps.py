@@ -7,12 +7,18 @@ which costs a thread hop per dependency per request.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from celery import Celery
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.errors import error_response
 from app.core.config import ANONYMOUS, Settings
 from app.core.errors import NotFound, Unauthorized
 from app.core.predictors import PredictorCache
@@ -24,10 +30,12 @@ __all__ = [
     "DatasetStoreDep",
     "JobDep",
     "JobStoreDep",
+    "KeyGate",
     "OwnerDep",
     "PredictorsDep",
     "RedisDep",
     "SettingsDep",
+    "authenticate",
 ]
 
 
@@ -65,16 +73,30 @@ PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 _bearer = HTTPBearer(auto_error=False, description="an API key from the service settings")
 
 
-async def get_owner(
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> str:
-    """The owner of the presented key (every job and dataset belongs to one)."""
+#: query parameters that look like a credential: refused, whatever the header says (a key in a
+#: URL ends up in access logs, proxies and browser history)
+KEY_QUERY_PARAMS = frozenset(
+    {"api_key", "apikey", "api-key", "key", "token", "access_token", "auth", "authorization"}
+)
+
+
+def authenticate(settings: Settings, authorization: str | None, query_names: Iterable[str]) -> str:
+    """The owner of the key in `Authorization: Bearer <key>`; raises `Unauthorized`.
+
+    Every configured key is compared, each with `hmac.compare_digest`, and the loop never
+    exits early: the time taken does not tell which key (or which prefix) matched. A
+    credential-like query parameter is refused even next to a valid header.
+    """
     if settings.open_access:
         return ANONYMOUS
-    if credentials is None or credentials.scheme.lower() != "bearer":
+    if any(name.lower() in KEY_QUERY_PARAMS for name in query_names):
+        raise Unauthorized(
+            "API keys are accepted only in the Authorization header, never in the URL"
+        )
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    if not credentials or scheme.lower() != "bearer":
         raise Unauthorized("an API key is required: Authorization: Bearer <key>")
-    token = credentials.credentials.encode()
+    token = credentials.encode()
     owner = None
     for name, key in settings.api_keys.items():
         if hmac.compare_digest(token, key.encode()):  # no early exit: constant time per key
@@ -82,6 +104,42 @@ async def get_owner(
     if owner is None:
         raise Unauthorized("unknown API key")
     return owner
+
+
+async def get_owner(
+    request: Request,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The owner of the presented key (every job and dataset belongs to one). `credentials`
+    declares the scheme in the OpenAPI schema; the header itself is read by `authenticate`."""
+    return authenticate(settings, request.headers.get("authorization"), request.query_params.keys())
+
+
+class KeyGate:
+    """ASGI middleware: a `/v1` request without a valid key is answered 401 before anything
+    reads its body (FastAPI reads and parses a body, a whole upload included, before it runs
+    the route's dependencies). The routes check the key again through `OwnerDep`."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and not self.settings.open_access
+            and (scope["path"] == "/v1" or scope["path"].startswith("/v1/"))
+        ):
+            query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), True)
+            try:
+                authenticate(
+                    self.settings, Headers(scope=scope).get("authorization"), (k for k, _ in query)
+                )
+            except Unauthorized as exc:
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]

@@ -12,9 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from mtl.config import TrainConfig
 
 __all__ = [
+    "MAX_OFFSET",
     "CancelOut",
+    "ConflictOut",
     "DatasetList",
     "DatasetOut",
+    "ErrorOut",
     "JobCreate",
     "JobList",
     "JobOut",
@@ -22,12 +25,70 @@ __all__ = [
     "MetricsOut",
     "PredictIn",
     "PredictOut",
+    "error_responses",
     "example_job",
+    "require_discriminator_tags",
 ]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
+#: the largest `offset` of a list page (Redis range indices are signed 64-bit; no list is
+#: anywhere near this long)
+MAX_OFFSET = 1_000_000_000
+
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
+
+
+class ErrorOut(BaseModel):
+    """The body of every error answer except 409 and 422."""
+
+    detail: str
+
+
+class ConflictOut(BaseModel):
+    """409: the resource's state forbids the action; `state` is that state."""
+
+    detail: str
+    state: str | None = None
+
+
+_ERRORS: dict[int, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "the body is not valid JSON (or multipart form data)"},
+    401: {"model": ErrorOut, "description": "no API key, an unknown one, or a key in the URL"},
+    404: {
+        "model": ErrorOut,
+        "description": "no such id for this API key (another key's ids get the same answer)",
+    },
+    409: {"model": ConflictOut, "description": "the resource's state forbids this"},
+    413: {
+        "model": ErrorOut,
+        "description": "the request body is larger than the cap (a body whose Content-Length "
+        "is already over it gets the plain text `Content Too Large`, before it is read)",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
+    503: {"model": ErrorOut, "description": "the job store (Redis) is unavailable"},
+}
+
+
+def error_responses(*codes: int, json_content: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the listed error codes (the routes' own descriptions win).
+
+    `json_content`: spell the content out as `application/json` (a route whose own media type
+    is another, e.g. the event stream, would otherwise document its errors under that type).
+    """
+    if not json_content:
+        return {code: dict(_ERRORS[code]) for code in codes}
+    return {
+        code: {
+            "description": _ERRORS[code]["description"],
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{_ERRORS[code]['model'].__name__}"}
+                }
+            },
+        }
+        for code in codes
+    }
 
 
 @cache
@@ -145,3 +206,34 @@ class DatasetList(BaseModel):
     offset: int
     limit: int
     next: str | None = None
+
+
+def require_discriminator_tags(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Mark every discriminator property as required in the schemas it maps to (in place).
+
+    The config's unions (`data.kind`, `weighting.name`) are tagged: a body must name the
+    variant. Pydantic's input schema lists the tag with its default, as optional, so a
+    client reading the schema would think `{"alpha": 1.5}` is a valid `weighting`; OpenAPI
+    says a discriminator property must be required.
+    """
+    components = openapi.get("components", {}).get("schemas", {})
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            discriminator = node.get("discriminator")
+            if isinstance(discriminator, dict):
+                name = discriminator.get("propertyName")
+                for ref in (discriminator.get("mapping") or {}).values():
+                    target = components.get(str(ref).rsplit("/", 1)[-1])
+                    if target is not None and name:
+                        required = target.setdefault("required", [])
+                        if name not in required:
+                            required.append(name)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(openapi)
+    return openapi

@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import anyio
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
+from app.api.schemas import JobCreate
 from app.core.config import Settings
 from app.core.errors import Invalid
 from mtl.config import FileData, TrainConfig
 from mtl.errors import DataError
 from worker.datasets import AsyncDatasetStore, parse_source, resolver
 
-__all__ = ["check_model_name", "check_sources"]
+__all__ = ["check_model_name", "check_random_init", "check_sources", "strict_job_body"]
+
+
+def _integral(value: Any) -> Any:
+    """JSON numbers without a fractional part as ints (JSON Schema counts 3.0 as an integer)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def strict_job_body(raw: bytes) -> JobCreate:
+    """The job body (already accepted by FastAPI's lax validation) validated again without
+    type coercion: `"epochs": "3"`, `true` or `false` for a number, a number for a string are
+    422s, as the published schema says, instead of being converted. Errors have FastAPI's
+    shape (`detail[].loc` starts with "body")."""
+    try:
+        data = _integral(json.loads(raw))
+        return JobCreate.model_validate_json(json.dumps(data), strict=True)
+    except ValidationError as exc:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
 
 
 def _source_fields(config: TrainConfig) -> list[tuple[list[str | int], str]]:
@@ -32,6 +61,52 @@ def _source_fields(config: TrainConfig) -> list[tuple[list[str | int], str]]:
     return found
 
 
+#: the BertConfig fields a job's `encoder.random_init` may set, with what each may hold (the
+#: six size fields are bounded by `mtl.config` itself). Anything else is refused: BertConfig
+#: takes any keyword, and sizes it does not check (`type_vocab_size`) allocate memory.
+_RANDOM_INIT: dict[str, tuple[type, float, float] | tuple[str, ...]] = {
+    "hidden_size": (int, 1, 4096),
+    "num_hidden_layers": (int, 1, 48),
+    "num_attention_heads": (int, 1, 64),
+    "intermediate_size": (int, 1, 16384),
+    "vocab_size": (int, 1, 250_000),
+    "max_position_embeddings": (int, 1, 8192),
+    "type_vocab_size": (int, 1, 16),
+    "pad_token_id": (int, 0, 250_000),
+    "hidden_dropout_prob": (float, 0.0, 0.99),
+    "attention_probs_dropout_prob": (float, 0.0, 0.99),
+    "layer_norm_eps": (float, 1e-12, 0.1),
+    "initializer_range": (float, 1e-6, 1.0),
+    "hidden_act": ("gelu", "gelu_new", "relu", "silu", "tanh"),
+}
+
+
+def check_random_init(config: TrainConfig) -> None:
+    """`encoder.random_init` may set only the fields of `_RANDOM_INIT`, within their ranges."""
+    values = config.encoder.random_init
+    if values is None:
+        return
+    for key, value in values.items():
+        loc: list[str | int] = ["body", "encoder", "random_init", key]
+        rule = _RANDOM_INIT.get(key)
+        if rule is None:
+            raise Invalid(
+                f"random_init may set only {', '.join(sorted(_RANDOM_INIT))}",
+                loc,
+                "extra_forbidden",
+            )
+        if isinstance(rule[0], type):
+            kind, low, high = rule
+            ok = not isinstance(value, bool) and (
+                isinstance(value, int) if kind is int else isinstance(value, int | float)
+            )
+            if not ok or not low <= value <= high:
+                what = "an integer" if kind is int else "a number"
+                raise Invalid(f"{key} must be {what} in [{low}, {high}]", loc)
+        elif value not in rule:
+            raise Invalid(f"{key} must be one of {', '.join(map(str, rule))}", loc)
+
+
 def check_model_name(config: TrainConfig, settings: Settings) -> None:
     """A job's encoder must be an allowed hub id, or a directory under an allowed root.
 
@@ -49,6 +124,7 @@ def check_model_name(config: TrainConfig, settings: Settings) -> None:
         target = Path(name).expanduser().resolve()
         for root in settings.model_roots:
             if target.is_relative_to(root.expanduser().resolve()) and target.is_dir():
+                _check_weight_files(target, loc)
                 return
         raise Invalid(
             "local model paths are accepted only under the service's model roots"
@@ -65,6 +141,25 @@ def check_model_name(config: TrainConfig, settings: Settings) -> None:
             f"model {name!r} is not allowed here; allowed: {', '.join(settings.allowed_models)}",
             loc,
         )
+
+
+#: weight files in a pickle-based format (`torch.load` runs code unless `weights_only`)
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _check_weight_files(folder: Path, loc: list[str | int]) -> None:
+    """A local model must hold its weights as safetensors, and only so: with a pickle-format
+    weight file beside them a loader could still pick that one."""
+    names = [f.name for f in folder.iterdir() if f.is_file()]
+    pickled = sorted(n for n in names if n.lower().endswith(_PICKLE_WEIGHTS))
+    if pickled:
+        raise Invalid(
+            f"the model directory holds pickle-format weights ({', '.join(pickled)}): "
+            "only safetensors are accepted",
+            loc,
+        )
+    if not any(n.endswith(".safetensors") for n in names):
+        raise Invalid("the model directory has no .safetensors weights", loc)
 
 
 async def check_sources(

@@ -24,6 +24,10 @@ __all__ = ["Settings", "get_settings"]
 
 OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 ANONYMOUS = "anonymous"
+# an explicit browser origin: scheme://host[:port], no wildcard, no path
+ORIGIN_PATTERN = re.compile(
+    r"^https?://([A-Za-z0-9][A-Za-z0-9.\-]*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$"
+)
 
 
 class Settings(BaseSettings):
@@ -38,6 +42,13 @@ class Settings(BaseSettings):
     )
     key_prefix: str = Field(default="mtl", pattern=r"^[A-Za-z0-9_\-.]{1,32}$")
     redis_max_connections: int = Field(default=256, ge=8, description="per API process")
+    redis_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="the API's Redis connect/read timeout: a stalled Redis gets a 503 after "
+        "this, not a hung request (timed-out commands are not retried)",
+    )
 
     # --- access
     api_keys: dict[str, str] = Field(
@@ -48,11 +59,33 @@ class Settings(BaseSettings):
     # --- limits
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1, description="dataset upload cap")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="JSON request bodies")
+    max_dataset_columns: int = Field(
+        default=1000, ge=2, description="columns (CSV) or keys per row (JSONL) of an upload"
+    )
+    max_field_chars: int = Field(
+        default=100_000, ge=1, description="characters in one value of an uploaded dataset"
+    )
     max_predict_texts: int = Field(default=256, ge=1)
     max_text_chars: int = Field(default=20_000, ge=1)
     page_size_max: int = Field(default=100, ge=1)
     predictor_cache_size: int = Field(default=2, ge=1, description="loaded models kept in the API")
     predict_threads: int = Field(default=2, ge=1, description="concurrent predict calls")
+    max_active_jobs_per_key: int = Field(
+        default=20,
+        ge=0,
+        description="queued, running and cancelling jobs one API key may have at once "
+        "(a submit over it is a 429); 0: no limit",
+    )
+    retry_after_s: int = Field(
+        default=30, ge=1, le=3600, description="the Retry-After of a 429 (per-key job limit)"
+    )
+
+    # --- browsers
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description='origins allowed to call the API from a browser, e.g. ["https://ui.example"]; '
+        "empty: no CORS headers at all (same-origin only)",
+    )
 
     # --- job protocol
     max_restarts: int = Field(default=3, ge=0, le=100, description="re-queues after a lost worker")
@@ -112,6 +145,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"the key of {owner!r} is shorter than 8 characters")
         if len(set(value.values())) != len(value):
             raise ValueError("two owners share one key")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not ORIGIN_PATTERN.match(origin):
+                raise ValueError(
+                    f"CORS origin {origin!r} must be an explicit scheme://host[:port] "
+                    "(no wildcard, no path)"
+                )
         return value
 
     @property

@@ -6,6 +6,7 @@ ServiceError
 ├── Conflict            the resource's state forbids the action         409
 ├── Invalid             a well-formed request the service cannot use    422 (names the field)
 ├── TooLarge            an upload over the cap                          413
+├── TooManyJobs         the key has its limit of active jobs            429 (Retry-After)
 └── Unavailable         Redis or the queue cannot be reached            503
 """
 
@@ -19,6 +20,7 @@ __all__ = [
     "NotFound",
     "ServiceError",
     "TooLarge",
+    "TooManyJobs",
     "Unauthorized",
     "Unavailable",
 ]
@@ -55,6 +57,14 @@ class Invalid(ServiceError):
 
 class TooLarge(ServiceError):
     pass
+
+
+class TooManyJobs(ServiceError):
+    """A per-key limit was reached; `retry_after` (seconds) goes into the Retry-After header."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(ServiceError):

@@ -8,17 +8,22 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from app.api.deps import DatasetStoreDep, OwnerDep, SettingsDep
-from app.api.schemas import JobCreate
-from app.api.validation import check_model_name, check_sources
+from app.api.schemas import JobCreate, error_responses
+from app.api.validation import (
+    check_model_name,
+    check_random_init,
+    check_sources,
+    strict_job_body,
+)
 from mtl.config import TrainConfig
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/configs", tags=["configs"])
+router = APIRouter(prefix="/configs", tags=["configs"], responses=error_responses(401, 503))
 
 
 class Example(BaseModel):
@@ -53,12 +58,21 @@ async def examples(owner: OwnerDep) -> list[Example]:
     "/validate",
     response_model=Validated,
     summary="Check a job config (and the datasets it names) without queueing it",
-    responses={422: {"description": "`detail[].loc` names the field"}},
+    responses={
+        **error_responses(400, 413),
+        422: {"description": "`detail[].loc` names the field"},
+    },
 )
 async def validate(
-    body: JobCreate, owner: OwnerDep, datasets: DatasetStoreDep, settings: SettingsDep
+    request: Request,
+    body: JobCreate,
+    owner: OwnerDep,
+    datasets: DatasetStoreDep,
+    settings: SettingsDep,
 ) -> Validated:
+    body = strict_job_body(await request.body())
     config = TrainConfig.model_validate(body.model_dump(exclude={"name"}))
+    check_random_init(config)
     check_model_name(config, settings)
     await check_sources(config, owner, datasets, settings)
     return Validated(tasks=config.task_names, config=config.model_dump(mode="json"))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Annotated, Literal
 
@@ -10,14 +13,15 @@ import anyio
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 
 from app.api.deps import DatasetStoreDep, OwnerDep, SettingsDep
-from app.api.schemas import DatasetList, DatasetOut
+from app.api.schemas import MAX_OFFSET, DatasetList, DatasetOut, ErrorOut, error_responses
+from app.core.config import Settings
 from app.core.errors import Invalid, NotFound, TooLarge
 from mtl.errors import DataError
 from worker.datasets import SOURCE_PREFIX, dataset_dir, new_dataset_id
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], responses=error_responses(401, 503))
 
 _SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json-lines": "jsonl"}
 _CHUNK = 1024 * 1024
@@ -36,9 +40,71 @@ def _store_upload(source: IO[bytes], target: Path, cap: int) -> int:
     return size
 
 
-def _inspect(path: Path, fmt: str, source: str) -> dict[str, object]:
+def _check_shape(path: Path, fmt: str, source: str, max_columns: int, max_chars: int) -> None:
+    """Stream the file once, a row at a time, before it is read whole: a row with more than
+    `max_columns` columns (or JSON keys) or a value longer than `max_chars` is a `DataError`
+    naming the row. Inspecting a file of a million columns would otherwise take many times
+    its size in memory. Anything else that is wrong is left to `read_records`, which names it.
+    """
+
+    def check(row: int, values: Mapping[str, object] | Sequence[object]) -> None:
+        if len(values) > max_columns:
+            what = "columns" if fmt == "csv" else "keys"
+            raise DataError(
+                f"{len(values)} {what}; at most {max_columns} are accepted",
+                file=source,
+                row=row or None,
+            )
+        items = values.items() if isinstance(values, Mapping) else enumerate(values)
+        for column, value in items:
+            if isinstance(value, str) and len(value) > max_chars:
+                raise DataError(
+                    f"a value of {len(value)} characters; at most {max_chars} are accepted",
+                    file=source,
+                    row=row or None,
+                    column=str(column) if isinstance(column, str) else header_name(column),
+                )
+
+    header: list[str] = []
+
+    def header_name(index: int) -> str | None:
+        return header[index] if index < len(header) else None
+
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        if fmt == "csv":
+            if csv.field_size_limit() < max_chars + 1:
+                csv.field_size_limit(max_chars + 1)
+            try:
+                for row, fields in enumerate(csv.reader(f)):  # row 0: the header
+                    check(row, fields)
+                    if row == 0:
+                        header = [h.strip() for h in fields]
+            except csv.Error as exc:
+                if "field larger than field limit" in str(exc):
+                    raise DataError(
+                        f"a value longer than {max_chars} characters; at most {max_chars} "
+                        "are accepted",
+                        file=source,
+                    ) from None
+                return  # malformed: read_records names the row
+        else:
+            row = 0
+            for line in f:
+                if not line.strip():
+                    continue
+                row += 1
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    return  # read_records names the row
+                if isinstance(obj, dict):
+                    check(row, obj)
+
+
+def _inspect(path: Path, fmt: str, source: str, settings: Settings) -> dict[str, object]:
     from mtl.datafiles import inspect_records, read_records
 
+    _check_shape(path, fmt, source, settings.max_dataset_columns, settings.max_field_chars)
     records = read_records(path, format=fmt, name=source)  # type: ignore[arg-type]
     info = inspect_records(records, source).to_dict()
     info.pop("source", None)
@@ -51,7 +117,13 @@ def _inspect(path: Path, fmt: str, source: str) -> dict[str, object]:
     response_model=DatasetOut,
     summary="Upload a CSV or JSONL dataset",
     responses={
-        413: {"description": "larger than the upload cap"},
+        **error_responses(400),
+        413: {
+            "model": ErrorOut,
+            "description": "larger than the upload cap (plain text `Content Too Large` when the "
+            "Content-Length is already over it: answered before the body is read)",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
         422: {"description": "not a readable CSV/JSONL file; the message names row and column"},
     },
 )
@@ -82,7 +154,7 @@ async def upload_dataset(
         size = await anyio.to_thread.run_sync(
             _store_upload, file.file, path, settings.max_upload_bytes
         )
-        info = await anyio.to_thread.run_sync(_inspect, path, fmt, source)
+        info = await anyio.to_thread.run_sync(_inspect, path, fmt, source, settings)
     except DataError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise Invalid(str(exc), ["body", "file"], "data_error") from None
@@ -110,7 +182,7 @@ async def list_datasets(
     owner: OwnerDep,
     store: DatasetStoreDep,
     settings: SettingsDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> DatasetList:
     limit = min(limit, settings.page_size_max)
@@ -123,7 +195,12 @@ async def list_datasets(
     )
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset")
+@router.get(
+    "/{dataset_id}",
+    response_model=DatasetOut,
+    summary="One dataset",
+    responses=error_responses(404),
+)
 async def get_dataset(dataset_id: str, owner: OwnerDep, store: DatasetStoreDep) -> DatasetOut:
     record = await store.get(dataset_id, owner)
     if record is None:
@@ -131,7 +208,12 @@ async def get_dataset(dataset_id: str, owner: OwnerDep, store: DatasetStoreDep) 
     return DatasetOut(**record)
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a dataset")
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a dataset",
+    responses=error_responses(404),
+)
 async def delete_dataset(dataset_id: str, owner: OwnerDep, store: DatasetStoreDep) -> Response:
     """Jobs still queued that name it will fail with a clear reason when they start."""
     if not await store.delete(dataset_id, owner):

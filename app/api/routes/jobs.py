@@ -45,7 +45,12 @@ from app.api.schemas import (
     error_responses,
     example_job,
 )
-from app.api.validation import check_model_name, check_sources, strict_job_body
+from app.api.validation import (
+    check_model_name,
+    check_random_init,
+    check_sources,
+    strict_job_body,
+)
 from app.core.config import Settings
 from app.core.errors import Conflict, Invalid, NotFound, TooManyJobs
 from app.core.events import HubRegistry, follow
@@ -202,6 +207,7 @@ async def submit_job(
     """
     body = strict_job_body(await request.body())
     config = TrainConfig.model_validate(body.model_dump(exclude={"name"}))
+    check_random_init(config)
     check_model_name(config, settings)
     await check_sources(config, owner, datasets, settings)
     key = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None

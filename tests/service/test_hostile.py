@@ -1,0 +1,497 @@
+"""Hostile and broken input: a fuzzer over the whole OpenAPI schema, out-of-range configs, and
+uploads that are too large, not UTF-8, binary, enormous in one field or in their column count.
+
+The fuzzer (Schemathesis) calls the API in-process (ASGI) with its lifespan, against the
+session's redis-server; everything else talks to the real API (uvicorn) of `conftest.py`, or to
+an in-process API with settings of its own (`local_api`). See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import select
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, settings
+from schemathesis.config import SchemathesisConfig
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from app.core.config import Settings
+from app.main import create_app
+from app.serve import RedisServer
+from tests.service.conftest import DUMMY, KEYS, auth
+from worker.keys import Keys
+
+# ------------------------------------------------------------------------ in-process API
+
+
+@contextlib.contextmanager
+def local_api(
+    redis_server: RedisServer, data_dir: Path, **env: str
+) -> Iterator[tuple[TestClient, Settings]]:
+    """The API in this process (`TestClient`, lifespan included) on the session's Redis, with
+    its settings read from `MTL_*` environment variables as a deployment would (`env` on top
+    of the defaults here), its own key prefix and its own queue (no worker takes its jobs)."""
+    prefix = f"local{uuid.uuid4().hex[:8]}"
+    values = {
+        "MTL_REDIS_URL": redis_server.url,
+        "MTL_DATA_DIR": str(data_dir),
+        "MTL_KEY_PREFIX": prefix,
+        "MTL_QUEUE_NAME": f"{prefix}-queue",
+        "MTL_API_KEYS": json.dumps(KEYS),
+        **env,
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in os.environ if n.startswith("MTL_")]:
+            mp.delenv(name)
+        for name, value in values.items():
+            mp.setenv(name, value)
+        app_settings = Settings()
+    with TestClient(create_app(app_settings)) as client:
+        yield client, app_settings
+
+
+# ------------------------------------------------------------------------ schemathesis
+
+FUZZ_PREFIX = "mtlfuzz"
+# The app is built at import time (Schemathesis makes one test per operation at collection);
+# `fuzz_redis` points it at the session's redis-server before the first call starts its
+# lifespan. No worker serves its queue: submitted jobs stay queued.
+FUZZ_SETTINGS = Settings(
+    redis_url=None,
+    data_dir=Path(tempfile.gettempdir()) / "mtl-fuzz-unset",
+    key_prefix=FUZZ_PREFIX,
+    api_keys=KEYS,
+    queue_name="mtl-fuzz",
+    max_upload_bytes=64 * 1024,
+    heartbeat_s=3600,  # one heartbeat written by `fuzz_redis` keeps /readyz at 200
+)
+FUZZ_APP = create_app(FUZZ_SETTINGS)
+schema = schemathesis.openapi.from_dict(
+    FUZZ_APP.openapi(),
+    config=SchemathesisConfig.from_dict(
+        {"auth": {"openapi": {"HTTPBearer": {"bearer": KEYS["alice"]}}}}
+    ),
+)
+schema.app = FUZZ_APP
+
+#: operations whose bodies pass checks the schema cannot express (the model allow-list,
+#: datasets that must exist and parse, cross-field rules such as static weights naming every
+#: task): a schema-valid body may get a 422 there, so "valid data accepted" is not checked
+SEMANTIC_CHECKS = {
+    ("POST", "/v1/jobs"),
+    ("POST", "/v1/configs/validate"),
+    ("POST", "/v1/datasets"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fuzz_redis(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    import redis
+    from schemathesis.python import asgi
+
+    FUZZ_SETTINGS.redis_url = redis_server.url
+    FUZZ_SETTINGS.data_dir = tmp_path_factory.mktemp("fuzz")
+    client = redis.Redis.from_url(redis_server.url)
+    client.zadd(Keys(FUZZ_PREFIX).workers, {"fuzz-worker": int(time.time() * 1000)})
+    client.close()
+    yield
+    asgi.shutdown_lifespans()  # close the app's Redis pool before the server stops
+
+
+@schema.parametrize()
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_openapi_fuzz(case: Any) -> None:
+    """Every operation of the schema: no 5xx, every answer documented (status, content type,
+    headers, body schema), schema-invalid input rejected, auth enforced (`ignored_auth` sends
+    the request again without the key and with a wrong one). The event stream is finite here:
+    a read timeout ends it (and an id that is not alice's is a 404 before any stream)."""
+    excluded = (
+        [positive_data_acceptance] if (case.method.upper(), case.path) in SEMANTIC_CHECKS else []
+    )
+    case.call_and_validate(excluded_checks=excluded, timeout=10)
+
+
+def test_every_operation_refuses_a_missing_or_wrong_key() -> None:
+    """Every operation in the schema, called without a key, with a wrong one, with a Basic
+    header and with the right key in the URL: 401, `WWW-Authenticate: Bearer`, before the
+    body is looked at (the bodies here are garbage). No Redis needed: nothing gets that far."""
+    spec = FUZZ_APP.openapi()
+    client = TestClient(FUZZ_APP, raise_server_exceptions=True)  # no lifespan: no Redis
+    attempts = {
+        "none": {},
+        "wrong": {"Authorization": "Bearer not-a-key-at-all"},
+        "empty": {"Authorization": "Bearer "},
+        "basic": {"Authorization": "Basic YWxpY2U6YWxpY2Uta2V5LTAwMDE="},
+        "key in the URL": {},
+    }
+    checked = operations_seen = 0
+    for template, operations in spec["paths"].items():
+        if not template.startswith("/v1/"):
+            continue
+        path = template.replace("{job_id}", "job_00000000000000000000").replace(
+            "{dataset_id}", "ds_00000000000000000000"
+        )
+        for method in operations:
+            operations_seen += 1
+            for name, headers in attempts.items():
+                params = {"api_key": KEYS["alice"]} if name == "key in the URL" else None
+                r = client.request(
+                    method.upper(), path, headers=headers, params=params, content=b"\x00garbage"
+                )
+                assert r.status_code == 401, (method, path, name, r.status_code, r.text)
+                assert r.headers["www-authenticate"] == "Bearer"
+                assert isinstance(r.json()["detail"], str)
+                checked += 1
+    assert operations_seen >= 17 and checked == operations_seen * len(attempts)
+
+
+# ------------------------------------------------------------------------ configs
+
+BIG_TASKS = [{"name": f"t{i}", "num_classes": 2} for i in range(10_000)]
+
+
+def _set(path: str, value: Any) -> Any:
+    def change(cfg: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = cfg
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+
+    return change
+
+
+OUT_OF_RANGE: dict[str, tuple[Any, list[Any]]] = {
+    "huge batch size": (_set("batch_size", 10**9), ["body", "batch_size"]),
+    "batch size 0": (_set("batch_size", 0), ["body", "batch_size"]),
+    "huge max_length": (_set("encoder.max_length", 10**7), ["body", "encoder", "max_length"]),
+    "huge epochs": (_set("epochs", 10**8), ["body", "epochs"]),
+    "huge max_steps": (_set("max_steps", 10**15), ["body", "max_steps"]),
+    "huge eval batch": (_set("eval_batch_size", 10**9), ["body", "eval_batch_size"]),
+    "huge dummy data": (
+        _set("data.num_samples", 10**12),
+        ["body", "data", "dummy", "num_samples"],  # the union tag is part of the path
+    ),
+    "huge hidden size": (
+        _set("encoder.random_init.hidden_size", 10**6),
+        ["body", "encoder", "random_init"],
+    ),
+    "unlisted random_init key": (
+        _set("encoder.random_init.type_vocab_size", 2_000_000_000),
+        ["body", "encoder", "random_init", "type_vocab_size"],
+    ),
+    "NaN learning rate": ("NaN", ["body", "optimizer", "lr"]),
+    "infinite learning rate": ("Infinity", ["body", "optimizer", "lr"]),
+    "1e400 learning rate": ("1e400", ["body", "optimizer", "lr"]),
+    "negative learning rate": (_set("optimizer.lr", -0.1), ["body", "optimizer", "lr"]),
+    "string for a number": (_set("epochs", "3"), ["body", "epochs"]),
+    "bool for a number": (_set("batch_size", True), ["body", "batch_size"]),
+    "0 tasks": (_set("tasks", []), ["body", "tasks"]),
+    "10,000 tasks": (_set("tasks", BIG_TASKS), ["body", "tasks"]),
+    "unknown top-level field": (_set("bogus", 1), ["body", "bogus"]),
+    "unknown nested field": (_set("encoder.bogus", 1), ["body", "encoder", "bogus"]),
+    "unknown task field": (
+        lambda c: c["tasks"][0].update(weight=2),
+        ["body", "tasks", 0, "weight"],
+    ),
+}
+
+
+def _queue_state(service_env: dict[str, str]) -> tuple[int, int, int]:
+    """(jobs ever queued, jobs queued now, messages waiting in the Celery queue)."""
+    import redis
+
+    keys = Keys(service_env["MTL_KEY_PREFIX"])
+    r = redis.Redis.from_url(service_env["MTL_REDIS_URL"])
+    try:
+        celery_queue = f"{service_env['MTL_KEY_PREFIX']}:celery:{service_env['MTL_QUEUE_NAME']}"
+        return (int(r.get(keys.queue_seq) or 0), r.zcard(keys.queued), r.llen(celery_queue))
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_RANGE), ids=list(OUT_OF_RANGE))
+def test_out_of_range_config_is_422_naming_the_field_and_queues_nothing(
+    client: httpx.Client, service_env: dict[str, str], case: str
+) -> None:
+    change, loc = OUT_OF_RANGE[case]
+    if isinstance(change, str):  # a non-finite number: not expressible in strict JSON
+        body = json.dumps(DUMMY).replace(
+            '"batch_size": 32', f'"batch_size": 32, "optimizer": {{"lr": {change}}}'
+        )
+    else:
+        cfg = copy.deepcopy(DUMMY)
+        change(cfg)
+        body = json.dumps(cfg)
+    jobs_before = client.get("/v1/jobs").json()["total"]
+    queue_before = _queue_state(service_env)
+    for path in ("/v1/jobs", "/v1/configs/validate"):
+        r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (path, r.text[:500])
+        errors = r.json()["detail"]
+        assert loc in [e["loc"] for e in errors], [e["loc"] for e in errors]
+        assert all(isinstance(e["msg"], str) and e["msg"] for e in errors)
+    assert client.get("/v1/jobs").json()["total"] == jobs_before
+    seq, queued, messages = _queue_state(service_env)
+    assert seq == queue_before[0]  # no job was created (the counter counts every create)
+    assert queued <= queue_before[1] and messages <= queue_before[2]
+
+
+# ------------------------------------------------------------------------ uploads
+
+MULTIPART_HEAD = (
+    b"--BOUNDARY\r\n"
+    b'Content-Disposition: form-data; name="file"; filename="big.csv"\r\n'
+    b"Content-Type: text/csv\r\n\r\n"
+    b"text,label\r\n"
+)
+
+
+def _raw_upload(
+    url: str,
+    headers: dict[str, str],
+    *,
+    declared: int | None,
+    total: int,
+    chunk: int = 64 * 1024,
+    pace_s: float = 0.005,
+    timeout: float = 20,
+) -> tuple[int, int, bytes]:
+    """POST /v1/datasets over a raw socket, sending at most `total` body bytes: with a
+    Content-Length of `declared`, or chunked when it is None. Before each chunk it looks
+    whether the server has answered already and stops sending if so. Returns (status, body
+    bytes sent, the response)."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+    head = [
+        "POST /v1/datasets HTTP/1.1",
+        f"Host: {parts.hostname}:{parts.port}",
+        "Content-Type: multipart/form-data; boundary=BOUNDARY",
+        *(f"{k}: {v}" for k, v in headers.items()),
+        f"Content-Length: {declared}" if declared is not None else "Transfer-Encoding: chunked",
+    ]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    sent = 0
+    body = MULTIPART_HEAD
+    try:
+        while sent < total:
+            if select.select([sock], [], [], pace_s)[0]:
+                break  # the server answered
+            piece = body if body else b'"' + b"x" * (chunk - 6) + b'",a\n'
+            body = b""
+            data = piece if declared is not None else b"%x\r\n%s\r\n" % (len(piece), piece)
+            try:
+                sock.sendall(data)
+            except OSError:  # the server closed the connection after answering
+                break
+            sent += len(piece)
+        response = b""
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in response and time.monotonic() < deadline:
+            got = sock.recv(65536)
+            if not got:
+                break
+            response += got
+        with contextlib.suppress(OSError):
+            sock.settimeout(1)
+            response += sock.recv(65536)
+    finally:
+        sock.close()
+    assert response.startswith(b"HTTP/1.1 "), response[:200]
+    return int(response.split(b" ", 2)[1]), sent, response
+
+
+def _api_rss(api_url: str) -> int:
+    """Resident memory (bytes) of the uvicorn process serving `api_url` (Linux /proc)."""
+    port = str(urlsplit(api_url).port)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"uvicorn" in b" ".join(argv) and port.encode() in argv:
+                for line in (entry / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    pytest.skip("cannot find the API process in /proc")
+
+
+def test_upload_over_the_cap_is_413_before_the_body_is_read(
+    service: str, service_env: dict[str, str]
+) -> None:
+    cap = int(service_env["MTL_MAX_UPLOAD_BYTES"])
+    declared = 50 * 1024 * 1024
+    # a Content-Length over the cap: answered after the first 64 KiB, the rest never sent
+    status, sent, response = _raw_upload(
+        service, auth("alice"), declared=declared, total=declared, pace_s=0.05
+    )
+    assert status == 413, response[:300]
+    assert sent <= 4 * 64 * 1024, sent
+    # chunked (no length up front): refused once the cap (plus the form's overhead) is passed
+    status, sent, response = _raw_upload(service, auth("alice"), declared=None, total=declared)
+    assert status == 413, response[:300]
+    assert cap < sent < cap + 64 * 1024 + 2 * 1024 * 1024, sent
+    print(f"chunked: 413 after {sent} body bytes (cap {cap})")
+    assert sent < declared / 10
+    # without a key the answer comes before the body too (401 under the JSON body limit)
+    status, sent, response = _raw_upload(
+        service, {}, declared=512 * 1024, total=512 * 1024, pace_s=0.05
+    )
+    assert status == 401, response[:300]
+    assert b"Authorization: Bearer" in response
+    assert sent <= 4 * 64 * 1024, sent
+
+
+def test_api_memory_stays_flat_under_oversize_uploads(
+    service: str, service_env: dict[str, str], client: httpx.Client
+) -> None:
+    datasets_before = client.get("/v1/datasets").json()["total"]
+    _raw_upload(service, auth("alice"), declared=None, total=2 * 1024 * 1024)  # warm up
+    before = _api_rss(service)
+    offered = 0
+    for _ in range(4):
+        for declared in (None, 200 * 1024 * 1024):
+            status, _, _ = _raw_upload(
+                service, auth("alice"), declared=declared, total=20 * 1024 * 1024
+            )
+            assert status == 413
+            offered += 200 * 1024 * 1024 if declared else 20 * 1024 * 1024
+    grown = _api_rss(service) - before
+    print(f"API RSS {before / 2**20:.1f} MiB, grew {grown / 2**20:.2f} MiB over 8 uploads")
+    assert offered > 800 * 1024 * 1024
+    assert grown < 24 * 1024 * 1024, f"the API grew by {grown / 2**20:.1f} MiB"
+    assert client.get("/v1/datasets").json()["total"] == datasets_before
+    folder = Path(service_env["MTL_DATA_DIR"]) / "datasets"
+    partial = [d for d in folder.glob("ds_*") if not list(d.glob("data.*"))]
+    assert not partial, partial  # nothing half-written left behind
+
+
+BROKEN: dict[str, tuple[str, bytes, int, str]] = {
+    "invalid UTF-8": ("bad.csv", b"text,label\n\xff\xfe caf\xe9,a\n", 422, "not valid UTF-8"),
+    "UTF-16": (
+        "utf16.csv",
+        "text,label\nhello,a\n".encode("utf-16"),
+        422,
+        "save the file as UTF-8",
+    ),
+    "NUL byte (CSV)": ("nul.csv", b"text,label\nab\x00c,a\n", 422, "NUL byte"),
+    "NUL byte (JSONL)": ("nul.jsonl", b'{"text": "a\x00b", "label": "a"}\n', 422, "NUL byte"),
+    "binary": ("model.csv", bytes(range(256)) * 16, 422, ""),
+    "empty file": ("empty.csv", b"", 422, "empty"),
+    "empty JSONL": ("empty.jsonl", b"", 422, "empty"),
+    "header only": ("header.csv", b"text,label\n", 422, "no data rows"),
+    "not JSON lines": ("x.jsonl", b"{not json}\n", 422, "not valid JSON"),
+    "JSONL array": ("x.jsonl", b"[1, 2]\n", 422, "expected a JSON object"),
+    "unknown format": ("notes.txt", b"text\nhello\n", 422, "format"),
+    "10 MB field": ("big.csv", b"text,label\n" + b"x" * 10_000_000 + b",a\n", 413, ""),
+    "a million columns": (
+        "wide.csv",
+        (",".join(f"c{i}" for i in range(1_000_000)) + "\n").encode(),
+        413,
+        "",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN), ids=list(BROKEN))
+def test_broken_uploads_get_a_clear_4xx(
+    client: httpx.Client, service_env: dict[str, str], case: str
+) -> None:
+    """On the service (upload cap 200 kB): a clear 4xx, the message names the problem (and
+    the row), nothing is stored."""
+    filename, content, status, words = BROKEN[case]
+    folder = Path(service_env["MTL_DATA_DIR"]) / "datasets"
+    before = set(folder.iterdir()) if folder.exists() else set()
+    total = client.get("/v1/datasets").json()["total"]
+    r = client.post("/v1/datasets", files={"file": (filename, content)})
+    assert r.status_code == status, r.text[:500]
+    if status == 422:
+        detail = r.json()["detail"][0]
+        assert detail["loc"] == ["body", "file"]
+        assert words.lower() in detail["msg"].lower(), detail["msg"]
+    else:
+        assert "large" in r.text.lower()  # "Content Too Large" / "larger than the upload cap"
+    assert (set(folder.iterdir()) if folder.exists() else set()) == before
+    assert client.get("/v1/datasets").json()["total"] == total
+
+
+@pytest.fixture(scope="module")
+def roomy_api(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, Settings]]:
+    """An API whose upload cap (32 MiB) lets the 10 MB field and the million columns through
+    to the dataset checks."""
+    with local_api(
+        redis_server, tmp_path_factory.mktemp("roomy"), MTL_MAX_UPLOAD_BYTES=str(32 * 2**20)
+    ) as api:
+        yield api
+
+
+WIDE_AND_LONG: dict[str, tuple[str, bytes, str]] = {
+    "10 MB field (CSV)": (
+        "big.csv",
+        b"text,label\nshort,a\n" + b"x" * 10_000_000 + b",a\n",
+        "row 2, column 'text': a value of 10000000 characters; at most 100000",
+    ),
+    "10 MB field (JSONL)": (
+        "big.jsonl",
+        json.dumps({"text": "x" * 10_000_000, "label": "a"}).encode() + b"\n",
+        "row 1, column 'text': a value of 10000000 characters; at most 100000",
+    ),
+    "a million columns (CSV)": (
+        "wide.csv",
+        (",".join(f"c{i}" for i in range(10**6)) + "\n" + ",".join("1" * 10**6) + "\n").encode(),
+        "1000000 columns; at most 1000",
+    ),
+    "a million keys (JSONL)": (
+        "wide.jsonl",
+        json.dumps({f"c{i}": 1 for i in range(10**6)}).encode() + b"\n",
+        "row 1: 1000000 keys; at most 1000",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WIDE_AND_LONG), ids=list(WIDE_AND_LONG))
+def test_wide_or_long_uploads_under_the_cap_are_422(
+    roomy_api: tuple[TestClient, Settings], case: str
+) -> None:
+    """Under a larger cap the same files reach the dataset checks: a 422 naming the row (and
+    column), fast, and nothing stored (MTL_MAX_DATASET_COLUMNS, MTL_MAX_FIELD_CHARS)."""
+    client, app_settings = roomy_api
+    filename, content, message = WIDE_AND_LONG[case]
+    started = time.monotonic()
+    r = client.post("/v1/datasets", files={"file": (filename, content)}, headers=auth("alice"))
+    took = time.monotonic() - started
+    assert r.status_code == 422, r.text[:500]
+    detail = r.json()["detail"][0]
+    assert detail["loc"] == ["body", "file"] and message in detail["msg"], detail
+    assert took < 15, f"{took:.1f}s"
+    assert (
+        not any(app_settings.datasets_dir.iterdir()) if app_settings.datasets_dir.exists() else True
+    )
+    assert client.get("/v1/datasets", headers=auth("alice")).json()["total"] == 0
