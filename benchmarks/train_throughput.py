@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import math
 import os
@@ -222,6 +223,7 @@ def run_lockstep(
         except BaseException:
             errors[name] = traceback.format_exc()
         finally:
+            gc.collect()  # the model, optimizer and autograd graph (in cycles) go now
             baton.retire(name)
 
     threads = [threading.Thread(target=body, args=(n,), name=n, daemon=True) for n in order]

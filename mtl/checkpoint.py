@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -153,12 +154,12 @@ class Checkpointer:
             atomic_write_text(self.dir / "last.json", pointer)
             if is_best:
                 atomic_write_text(self.dir / "best.json", pointer)
-        except OSError as exc:
-            # Disk full, quota, I/O error: the previous checkpoint and pointers stay as they were.
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            # Disk full, quota, I/O error (safetensors and torch.save wrap ENOSPC in their own
+            # errors): the previous checkpoint and the pointers stay as they were.
             shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainingError(
-                f"cannot write checkpoint {name} in {self.dir}: {exc.strerror or exc}"
-            ) from exc
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise TrainingError(f"cannot write checkpoint {name} in {self.dir}: {reason}") from exc
         self._prune()
         return final
 

@@ -176,6 +176,10 @@ _BEGIN = (
 local rec = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'step')
 if not rec[1] then return {'gone', ''} end
 if tonumber(rec[2]) ~= tonumber(ARGV[2]) then return {'stale', rec[2]} end
+-- a repeat of this very call (its reply was lost to a timeout): the lease holds our token
+if rec[1] == 'running' and redis.call('GET', KEYS[2]) == ARGV[2] .. ':' .. ARGV[3] then
+  return {'started', ''}
+end
 if rec[1] ~= 'queued' then return {'not-queued', rec[1]} end
 local ok = redis.call('SET', KEYS[2], ARGV[2] .. ':' .. ARGV[3], 'NX', 'PX', ARGV[4])
 if not ok then return {'leased', ''} end

