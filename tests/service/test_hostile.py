@@ -3,7 +3,8 @@ uploads that are too large, not UTF-8, binary, enormous in one field or in their
 
 The fuzzer (Schemathesis) calls the API in-process (ASGI) with its lifespan, against the
 session's redis-server; everything else talks to the real API (uvicorn) of `conftest.py`, or to
-an in-process API with settings of its own (`local_api`). See docs/reliability.md ("Hostile input and security").
+an in-process API with settings of its own (`local_api`).
+See docs/reliability.md ("Hostile input and security").
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Security: no pickle a client can reach, no remote code and no SSRF through model names,
 per-key isolation on every route, keys only in the header and compared in constant time,
-per-key job limits, CORS, and the compose file's Redis. See docs/reliability.md ("Hostile input and security")."""
+per-key job limits, CORS, and the compose file's Redis.
+See docs/reliability.md ("Hostile input and security")."""
 
 from __future__ import annotations
 
