@@ -63,7 +63,9 @@ times Adam's step, fused and for-loop.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import ctypes
 import gc
 import json
 import math
@@ -203,6 +205,18 @@ def _clocks() -> tuple[float, float, float]:
     except (OSError, ValueError, IndexError):
         pass
     return time.perf_counter(), busy, time.process_time()
+
+
+def one_malloc_arena() -> None:
+    """Make every thread allocate from glibc's main malloc arena.
+
+    By default each thread gets an arena of its own, which keeps what it freed: a dozen
+    lock-step trainers then hold a dozen peaks of activations (15 GB instead of 5 for the
+    strategies). With one arena each step reuses what the previous one freed, as the single
+    thread of an ordinary training process does. Call before any thread starts.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX = 1
 
 
 def run_lockstep(
@@ -822,6 +836,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results file")
     args = parser.parse_args()
 
+    one_malloc_arena()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
