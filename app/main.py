@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import anyio
 from fastapi import FastAPI
@@ -19,7 +18,6 @@ import mtl
 from app.api.deps import KeyGate
 from app.api.errors import install_error_handlers
 from app.api.routes import configs, dashboard, datasets, health, jobs
-from app.api.schemas import require_discriminator_tags
 from app.core.config import Settings, get_settings
 from app.core.events import HubRegistry
 from app.core.metrics import ServiceMetrics
@@ -115,15 +113,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
-    _generate_openapi = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            require_discriminator_tags(_generate_openapi())
-        assert app.openapi_schema is not None
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
     app.state.metrics = ServiceMetrics()
     # (the last added is the outermost: CORS, then the metrics, then the key check)
     app.add_middleware(KeyGate, settings=settings)

@@ -4,6 +4,9 @@ The loop never prints, never writes to Redis and never branches on "is anyone li
 calls each callback's hooks with narrow arguments (the state plus the metrics of that moment).
 A callback stops training by setting `control.should_stop` (this is how early stopping, the CLI's
 Ctrl-C and the service's cancel button work); the loop checks the flag after every optimizer step.
+Before every checkpoint and before the final export the loop calls `on_save`; a callback that
+clears `control.allow_save` there vetoes the write and stops the run (the service's fence
+against a superseded attempt writing into a job directory that another attempt now owns).
 
 Metric payloads are plain JSON-serialisable dicts::
 
@@ -64,6 +67,10 @@ class TrainControl:
     stop_reason: str | None = None
     # Callbacks can ask for an extra checkpoint at the next step boundary (e.g. before cancel).
     should_checkpoint: bool = False
+    # Cleared by an `on_save` hook when this run must write nothing more (its output directory
+    # belongs to someone else now, e.g. a superseded service attempt): the write is skipped and
+    # the run stops.
+    allow_save: bool = True
 
     def stop(self, reason: str) -> None:
         if not self.should_stop:
@@ -84,6 +91,10 @@ class Callback:
     def on_evaluate(
         self, state: TrainState, metrics: dict[str, Any], control: TrainControl
     ) -> None: ...
+
+    def on_save(self, state: TrainState, control: TrainControl) -> None:
+        """Just before a checkpoint or the exported model is written. Clear
+        `control.allow_save` to skip the write and stop the run."""
 
     def on_checkpoint(self, state: TrainState, path: Path, control: TrainControl) -> None: ...
 
@@ -112,6 +123,10 @@ class CallbackList(Callback):
     ) -> None:
         for cb in self.callbacks:
             cb.on_evaluate(state, metrics, control)
+
+    def on_save(self, state: TrainState, control: TrainControl) -> None:
+        for cb in self.callbacks:
+            cb.on_save(state, control)
 
     def on_checkpoint(self, state: TrainState, path: Path, control: TrainControl) -> None:
         for cb in self.callbacks:

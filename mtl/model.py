@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtl.config import BUNDLED_MINILM, EncoderConfig, HeadConfig, TaskConfig
+from mtl.config import BUNDLED_MINILM, EncoderConfig, HeadConfig, RandomInit, TaskConfig
 from mtl.errors import ModelError
 
 __all__ = ["MultiTaskModel", "SentenceEncoder", "build_model", "resolve_model_path"]
@@ -49,11 +49,11 @@ def _load_pretrained(name: str) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def _build_random(config: dict[str, Any]) -> nn.Module:
+def _build_random(config: RandomInit) -> nn.Module:
     from transformers import BertConfig, BertModel
 
     try:
-        cfg = BertConfig(**config)
+        cfg = BertConfig(**config.bert_kwargs())
     except (TypeError, ValueError) as exc:
         raise ModelError(f"encoder.random_init is not a valid BertConfig: {exc}") from exc
     return BertModel(cfg, add_pooling_layer=False)

@@ -230,7 +230,11 @@ class Trainer:
         try:
             outcome = self._loop(state, control, max_batches)
             if outcome == "completed" and max_batches is None:  # a dry run exports nothing
-                metrics, model_dir = self._finish(state, control)
+                if self._may_save(state, control):
+                    metrics, model_dir = self._finish(state, control)
+                else:
+                    outcome = "stopped"
+                    state.stop_reason = control.stop_reason
         except BaseException:
             outcome = "failed"
             raise
@@ -288,6 +292,8 @@ class Trainer:
                     return self._stop_outcome(state, control)
         if state.batch_in_epoch != 0 and not cfg.eval_every:
             self._evaluate_and_checkpoint(state, control)  # max_steps ended mid-epoch
+            if control.should_stop:
+                return self._stop_outcome(state, control)
         return "completed"
 
     @staticmethod
@@ -501,7 +507,16 @@ class Trainer:
         es = self.config.early_stopping
         return es.min_delta if es is not None else 0.0
 
+    def _may_save(self, state: TrainState, control: TrainControl) -> bool:
+        """Ask the callbacks (`on_save`) whether this run may still write; if not, stop it."""
+        self.callbacks.on_save(state, control)
+        if not control.allow_save:
+            control.stop(control.stop_reason or "a callback refused the write")
+        return control.allow_save
+
     def _checkpoint(self, state: TrainState, control: TrainControl, *, is_best: bool) -> None:
+        if not self._may_save(state, control):
+            return
         path = self.checkpointer.save(
             state=state,
             model=self.model,

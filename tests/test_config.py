@@ -114,11 +114,35 @@ BAD_CONFIGS: dict[str, tuple[Mutate, list[str]]] = {
     ),
     "random_init_huge_hidden_size": (
         _set("encoder.random_init.hidden_size", 1_000_000),
-        ["encoder.random_init", "random_init.hidden_size must be an integer in [1, 4096]"],
+        ["encoder.random_init.hidden_size", "less than or equal to 4096"],
     ),
     "random_init_remote_code": (
         _set("encoder.random_init.auto_map", {"AutoModel": "x.Y"}),
-        ["encoder.random_init", "random_init may not name remote code"],
+        ["encoder.random_init.auto_map: Extra inputs are not permitted"],
+    ),
+    "random_init_unlisted_key": (
+        _set("encoder.random_init.name_or_path", "https://evil.example/m"),
+        ["encoder.random_init.name_or_path: Extra inputs are not permitted"],
+    ),
+    "random_init_bool_size": (
+        _set("encoder.random_init.num_hidden_layers", True),
+        ["encoder.random_init.num_hidden_layers", "not a boolean"],
+    ),
+    "random_init_unknown_activation": (
+        _set("encoder.random_init.hidden_act", "swish2"),
+        ["encoder.random_init.hidden_act", "'gelu'"],
+    ),
+    "random_init_heads_do_not_divide_hidden": (
+        _set("encoder.random_init.num_attention_heads", 5),
+        ["encoder.random_init", "must be a multiple of num_attention_heads (5)"],
+    ),
+    "dummy_vocab_beyond_random_init_vocab": (
+        _set("data.vocab_size", 10**5),
+        ["data.vocab_size (100000) exceeds the encoder's vocabulary"],
+    ),
+    "dummy_seq_len_beyond_random_init_positions": (
+        _set("data.seq_len", 4096),
+        ["data.seq_len (4096) exceeds the encoder's positions"],
     ),
     "validation_fraction_too_big": (
         _set("data", {"kind": "files", "train": "a.csv", "validation_fraction": 0.5}),

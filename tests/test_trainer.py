@@ -206,6 +206,39 @@ def test_should_checkpoint_with_stop_in_on_step_end_saves_that_step(
     assert latest is not None and latest.name == "step-00000003"
 
 
+class RefuseSaves(Callback):
+    """Lets the first `allowed` saves through, then refuses (a lost lease, say)."""
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+        self.asked: list[int] = []
+
+    def on_save(self, state: TrainState, control: TrainControl) -> None:
+        self.asked.append(state.step)
+        if len(self.asked) > self.allowed:
+            control.allow_save = False
+            control.stop("not ours any more")
+
+
+@pytest.mark.parametrize("allowed", [1, 2])
+def test_a_refused_save_writes_nothing_and_stops_the_run(
+    make_config: Any, tmp_path: Path, allowed: int
+) -> None:
+    """`on_save` comes before every checkpoint and before the export; a refusal writes
+    nothing (allowed=1: the second checkpoint; allowed=2: the final export) and stops."""
+    refuse = RefuseSaves(allowed)
+    result = train(make_config(checkpoint_every=4, max_steps=8), tmp_path, callbacks=[refuse])
+    assert result.outcome == "stopped" and result.state.stop_reason == "not ours any more"
+    assert result.model_dir is None
+    assert not (tmp_path / "model").exists() and not (tmp_path / "metrics.json").exists()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    if allowed == 1:
+        assert refuse.asked == [4, 8] and result.state.step == 8
+        assert names == ["step-00000004"]
+    else:
+        assert refuse.asked == [4, 8, 8] and names == ["step-00000008"]
+
+
 def test_early_stopping_completes_and_exports_the_best_model(
     make_config: Any, tmp_path: Path
 ) -> None:

@@ -149,6 +149,23 @@ class RedisProgress(Callback):
         self._emit("evaluate", state, event, metric=True, fields=fields)
         self._check(control)
 
+    def on_save(self, state: TrainState, control: TrainControl) -> None:
+        """Fence the write: renew the lease now and write nothing if it is no longer ours (the
+        reaper re-queued the job and another attempt owns the directory). With Redis away the
+        write goes ahead: it is atomic, and the attempt's end is fenced anyway."""
+        try:
+            ours, _ = self.store.renew(self.lease, self.lease_ms, self.progress_of(state))
+        except Exception:
+            log.warning("could not check the lease before a save", exc_info=True)
+            return
+        if not ours:
+            log.warning(
+                "job %s attempt %s is stale; not saving", self.lease.job_id, self.lease.attempt
+            )
+            self.request_stop(STOP_STALE)
+            control.allow_save = False
+            control.stop(STOP_STALE)
+
     def on_checkpoint(self, state: TrainState, path: Path, control: TrainControl) -> None:
         event = {"name": Path(path).name, "epoch": state.epoch}
         self._emit("checkpoint", state, event, fields={"checkpoint_step": state.step})

@@ -27,7 +27,6 @@ __all__ = [
     "PredictOut",
     "error_responses",
     "example_job",
-    "require_discriminator_tags",
 ]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -206,34 +205,3 @@ class DatasetList(BaseModel):
     offset: int
     limit: int
     next: str | None = None
-
-
-def require_discriminator_tags(openapi: dict[str, Any]) -> dict[str, Any]:
-    """Mark every discriminator property as required in the schemas it maps to (in place).
-
-    The config's unions (`data.kind`, `weighting.name`) are tagged: a body must name the
-    variant. Pydantic's input schema lists the tag with its default, as optional, so a
-    client reading the schema would think `{"alpha": 1.5}` is a valid `weighting`; OpenAPI
-    says a discriminator property must be required.
-    """
-    components = openapi.get("components", {}).get("schemas", {})
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            discriminator = node.get("discriminator")
-            if isinstance(discriminator, dict):
-                name = discriminator.get("propertyName")
-                for ref in (discriminator.get("mapping") or {}).values():
-                    target = components.get(str(ref).rsplit("/", 1)[-1])
-                    if target is not None and name:
-                        required = target.setdefault("required", [])
-                        if name not in required:
-                            required.append(name)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(openapi)
-    return openapi

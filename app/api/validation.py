@@ -17,7 +17,7 @@ from mtl.config import FileData, TrainConfig
 from mtl.errors import DataError
 from worker.datasets import AsyncDatasetStore, parse_source, resolver
 
-__all__ = ["check_model_name", "check_random_init", "check_sources", "strict_job_body"]
+__all__ = ["check_model_name", "check_sources", "strict_job_body"]
 
 
 def _integral(value: Any) -> Any:
@@ -59,52 +59,6 @@ def _source_fields(config: TrainConfig) -> list[tuple[list[str | int], str]]:
                 if value:
                     found.append((["body", "tasks", i, "data", split], value))
     return found
-
-
-#: the BertConfig fields a job's `encoder.random_init` may set, with what each may hold (the
-#: six size fields are bounded by `mtl.config` itself). Anything else is refused: BertConfig
-#: takes any keyword, and sizes it does not check (`type_vocab_size`) allocate memory.
-_RANDOM_INIT: dict[str, tuple[type, float, float] | tuple[str, ...]] = {
-    "hidden_size": (int, 1, 4096),
-    "num_hidden_layers": (int, 1, 48),
-    "num_attention_heads": (int, 1, 64),
-    "intermediate_size": (int, 1, 16384),
-    "vocab_size": (int, 1, 250_000),
-    "max_position_embeddings": (int, 1, 8192),
-    "type_vocab_size": (int, 1, 16),
-    "pad_token_id": (int, 0, 250_000),
-    "hidden_dropout_prob": (float, 0.0, 0.99),
-    "attention_probs_dropout_prob": (float, 0.0, 0.99),
-    "layer_norm_eps": (float, 1e-12, 0.1),
-    "initializer_range": (float, 1e-6, 1.0),
-    "hidden_act": ("gelu", "gelu_new", "relu", "silu", "tanh"),
-}
-
-
-def check_random_init(config: TrainConfig) -> None:
-    """`encoder.random_init` may set only the fields of `_RANDOM_INIT`, within their ranges."""
-    values = config.encoder.random_init
-    if values is None:
-        return
-    for key, value in values.items():
-        loc: list[str | int] = ["body", "encoder", "random_init", key]
-        rule = _RANDOM_INIT.get(key)
-        if rule is None:
-            raise Invalid(
-                f"random_init may set only {', '.join(sorted(_RANDOM_INIT))}",
-                loc,
-                "extra_forbidden",
-            )
-        if isinstance(rule[0], type):
-            kind, low, high = rule
-            ok = not isinstance(value, bool) and (
-                isinstance(value, int) if kind is int else isinstance(value, int | float)
-            )
-            if not ok or not low <= value <= high:
-                what = "an integer" if kind is int else "a number"
-                raise Invalid(f"{key} must be {what} in [{low}, {high}]", loc)
-        elif value not in rule:
-            raise Invalid(f"{key} must be one of {', '.join(map(str, rule))}", loc)
 
 
 def check_model_name(config: TrainConfig, settings: Settings) -> None:

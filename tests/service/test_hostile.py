@@ -198,7 +198,7 @@ OUT_OF_RANGE: dict[str, tuple[Any, list[Any]]] = {
     ),
     "huge hidden size": (
         _set("encoder.random_init.hidden_size", 10**6),
-        ["body", "encoder", "random_init"],
+        ["body", "encoder", "random_init", "hidden_size"],
     ),
     "unlisted random_init key": (
         _set("encoder.random_init.type_vocab_size", 2_000_000_000),

@@ -259,11 +259,11 @@ REMOTE_CODE = {
     ),
     "random_init": (
         lambda c: c["encoder"]["random_init"].update(trust_remote_code=True),
-        ["body", "encoder", "random_init"],
+        ["body", "encoder", "random_init", "trust_remote_code"],
     ),
     "random_init auto_map": (
         lambda c: c["encoder"]["random_init"].update(auto_map={"AutoModel": "evil.Model"}),
-        ["body", "encoder", "random_init"],
+        ["body", "encoder", "random_init", "auto_map"],
     ),
     "random_init other key": (
         lambda c: c["encoder"]["random_init"].update(name_or_path="https://evil.example/m"),

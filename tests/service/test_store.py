@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from app.serve import RedisServer
+from tests.service.conftest import long_config
 from worker.keys import Keys
 from worker.progress import STOP_CANCELLED, STOP_STALE, LeaseKeeper, RedisProgress
 from worker.reaper import reap_once
@@ -234,6 +236,41 @@ def test_progress_callback_and_lease_keeper(
         time.sleep(0.01)
     keeper.stop()
     assert cb.stale and cb.stop_reason == STOP_STALE
+
+
+def test_a_superseded_attempt_writes_no_checkpoint(
+    redis_server: RedisServer, store: JobStore, sync_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The lease is checked just before every save, not only by the keeper thread: an attempt
+    whose job moved on (here: at step 6, with no keeper running) writes nothing more into the
+    job's directory and stops as stale."""
+    from mtl.callbacks import Callback, TrainControl, TrainState
+    from mtl.config import TrainConfig
+    from mtl.trainer import train
+
+    _, job_id = create(redis_server.url)
+    lease = Lease(job_id, 1, "w1")
+    store.begin(lease, 60_000)
+
+    class SupersedeAt(Callback):
+        def on_step_end(self, state: TrainState, control: TrainControl) -> None:
+            if state.step == 6:  # the reaper re-queued the job; attempt 2 owns it now
+                sync_client.hset(Keys(PREFIX).job(job_id), "attempt", 2)
+
+    config = TrainConfig.model_validate(long_config(steps=12, checkpoint_every=4) | {"seed": 1})
+    progress = RedisProgress(
+        store, lease, lease_ms=60_000, monitor=config.monitor, monitor_mode=config.monitor_mode
+    )
+    result = train(config, tmp_path, callbacks=[progress, SupersedeAt()], resume=False)
+
+    assert result.outcome == "stopped"
+    assert result.state.stop_reason == STOP_STALE and progress.stale
+    assert result.state.step == 8  # stopped at the save it was refused
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "step-00000004" in saved and "step-00000008" not in saved, saved
+    last = json.loads((tmp_path / "checkpoints" / "last.json").read_text())
+    assert last["name"] == "step-00000004"
+    assert not (tmp_path / "model").exists()
 
 
 def test_unconfirmed_messages_are_published_again(

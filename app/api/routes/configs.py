@@ -15,7 +15,6 @@ from app.api.deps import DatasetStoreDep, OwnerDep, SettingsDep
 from app.api.schemas import JobCreate, error_responses
 from app.api.validation import (
     check_model_name,
-    check_random_init,
     check_sources,
     strict_job_body,
 )
@@ -72,7 +71,6 @@ async def validate(
 ) -> Validated:
     body = strict_job_body(await request.body())
     config = TrainConfig.model_validate(body.model_dump(exclude={"name"}))
-    check_random_init(config)
     check_model_name(config, settings)
     await check_sources(config, owner, datasets, settings)
     return Validated(tasks=config.task_names, config=config.model_dump(mode="json"))

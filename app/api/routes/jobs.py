@@ -47,7 +47,6 @@ from app.api.schemas import (
 )
 from app.api.validation import (
     check_model_name,
-    check_random_init,
     check_sources,
     strict_job_body,
 )
@@ -207,7 +206,6 @@ async def submit_job(
     """
     body = strict_job_body(await request.body())
     config = TrainConfig.model_validate(body.model_dump(exclude={"name"}))
-    check_random_init(config)
     check_model_name(config, settings)
     await check_sources(config, owner, datasets, settings)
     key = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
