@@ -23,6 +23,11 @@ Indexes::
     {p}:dataset:{id}        hash    an uploaded dataset's record
     {p}:owner:{o}:datasets  zset    the owner's dataset ids, score = upload time (ms)
     {p}:workers             zset    worker heartbeats, member = worker name, score = time (ms)
+
+Celery's (kombu's) own keys, under ``{p}:celery:``::
+
+    {p}:celery:{queue}      list    messages waiting for a worker
+    {p}:celery:unacked      hash    messages a worker took and has not acknowledged yet
 """
 
 from __future__ import annotations
@@ -101,3 +106,16 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    # ------------------------------------------------------------------- broker (kombu)
+    @property
+    def broker_prefix(self) -> str:
+        """kombu's `global_keyprefix`: every key the Celery transport writes starts so."""
+        return f"{self.prefix}:celery:"
+
+    def broker_queue(self, queue: str) -> str:
+        return f"{self.broker_prefix}{queue}"
+
+    @property
+    def broker_unacked(self) -> str:
+        return f"{self.broker_prefix}unacked"

@@ -7,13 +7,16 @@ messages without importing the task code.
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 from celery import Celery
 
 from app.core.config import Settings
+from worker.keys import Keys
 
-__all__ = ["TASK_NAME", "enqueue", "make_celery"]
+__all__ = ["TASK_NAME", "enqueue", "make_celery", "message_attempt"]
 
 TASK_NAME = "mtl.run_job"
 
@@ -45,7 +48,7 @@ def make_celery(settings: Settings) -> Celery:
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            "global_keyprefix": f"{settings.key_prefix}:celery:",
+            "global_keyprefix": Keys(settings.key_prefix).broker_prefix,
             # Only a reserved-but-not-started message can be unacknowledged; redelivering it
             # is harmless (the attempt is fenced), so recover it reasonably soon.
             "visibility_timeout": 3600,
@@ -66,3 +69,22 @@ def enqueue(celery: Celery, settings: Settings, job_id: str, attempt: int) -> An
         queue=settings.queue_name,
         ignore_result=True,
     )
+
+
+def message_attempt(raw: str) -> tuple[str, int] | None:
+    """`(job_id, attempt)` of one message as kombu's Redis transport stores it: a JSON
+    envelope in the queue list, or `[envelope, exchange, routing_key]` in the unacked hash.
+    None for anything else (another task, a message this version cannot read)."""
+    try:
+        item = json.loads(raw)
+        envelope = item[0] if isinstance(item, list) else item
+        if envelope.get("headers", {}).get("task") != TASK_NAME:
+            return None
+        body: Any = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]  # task protocol 2: [args, kwargs, embed]
+        job_id, attempt = args
+        return str(job_id), int(attempt)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None

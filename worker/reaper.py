@@ -11,13 +11,21 @@ safe (a job whose lease expired is moved exactly once). It does three things:
   the job fails with the reason; a job lost while cancelling becomes `cancelled`;
 * republish: a queued attempt whose message was never confirmed sent (the API or the reaper
   died between the two writes) is published again. Duplicates are harmless: a message whose
-  attempt is not the job's current queued attempt does nothing.
+  attempt is not the job's current queued attempt does nothing;
+* find lost messages: every `republish_after_s`, the queued attempts whose message was sent
+  but is nowhere in the broker (neither waiting in the queue nor taken and unacknowledged) are
+  noted; one still missing on a check at least `republish_after_s` later is published again.
+  That is the message a worker took (early acknowledgement) whose process then died before
+  the attempt began, or one a broker restart lost. The wait covers the moment between a
+  worker taking a message and `begin` (milliseconds; a false alarm would only add a
+  harmless duplicate).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import Celery
@@ -31,9 +39,25 @@ __all__ = ["Maintenance", "reap_once"]
 log = logging.getLogger(__name__)
 
 
-def reap_once(store: JobStore, publish: Any, *, republish_after_s: float = 30.0) -> dict[str, Any]:
-    """One pass. `publish(job_id, attempt)` sends the message. Returns what it did."""
-    done: dict[str, Any] = {"requeued": [], "failed": [], "cancelled": [], "republished": []}
+def reap_once(
+    store: JobStore,
+    publish: Any,
+    *,
+    republish_after_s: float = 30.0,
+    lost: dict[tuple[str, int], float] | None = None,
+    queue: str | None = None,
+) -> dict[str, Any]:
+    """One pass. `publish(job_id, attempt)` sends the message. Returns what it did.
+
+    With `queue` and `lost` (a dict kept between passes: attempt -> when first seen missing),
+    also look for lost messages (see the module docstring)."""
+    done: dict[str, Any] = {
+        "requeued": [],
+        "failed": [],
+        "cancelled": [],
+        "republished": [],
+        "lost": [],
+    }
     for job_id in store.active_jobs():
         status, attempt = store.reap(job_id)
         if status == "requeued" and attempt is not None:
@@ -49,7 +73,33 @@ def reap_once(store: JobStore, publish: Any, *, republish_after_s: float = 30.0)
         publish(job_id, attempt)
         store.mark_published(job_id, attempt)
         done["republished"].append((job_id, attempt))
+    if queue is not None and lost is not None:
+        find_lost_messages(store, publish, queue, lost, republish_after_s, done)
     return done
+
+
+def find_lost_messages(
+    store: JobStore,
+    publish: Any,
+    queue: str,
+    lost: dict[tuple[str, int], float],
+    grace_s: float,
+    done: dict[str, Any],
+) -> None:
+    present = store.broker_attempts(queue)  # before the jobs: a message taken meanwhile
+    missing = [a for a in store.published_queued() if a not in present]  # is now running
+    now = time.monotonic()
+    for key in set(lost) - set(missing):
+        del lost[key]  # found, started or gone
+    for job_id, attempt in missing:
+        first = lost.setdefault((job_id, attempt), now)
+        if now - first >= grace_s:
+            log.warning("job %s attempt %s: its message is lost; publishing it again",
+                        job_id, attempt)  # fmt: skip
+            publish(job_id, attempt)
+            store.mark_published(job_id, attempt)
+            del lost[(job_id, attempt)]
+            done["lost"].append((job_id, attempt))
 
 
 class Maintenance(threading.Thread):
@@ -62,6 +112,7 @@ class Maintenance(threading.Thread):
         self.celery = celery
         self.worker_name = worker_name
         self._halt = threading.Event()
+        self._lost: dict[tuple[str, int], float] = {}
 
     def _publish(self, job_id: str, attempt: int) -> None:
         enqueue(self.celery, self.settings, job_id, attempt)
@@ -69,21 +120,32 @@ class Maintenance(threading.Thread):
     def run(self) -> None:
         s = self.settings
         tick = min(s.heartbeat_s, s.reaper_interval_s)
-        since_beat = since_reap = float("inf")
+        grace = max(30.0, s.lease_ttl_s)
+        since_beat = since_reap = since_lost = float("inf")
         while True:
             try:
                 if since_beat >= s.heartbeat_s:
                     self.store.heartbeat(self.worker_name)
                     since_beat = 0.0
                 if since_reap >= s.reaper_interval_s:
-                    reap_once(self.store, self._publish, republish_after_s=max(30.0, s.lease_ttl_s))
+                    check_lost = since_lost >= grace / 2
+                    reap_once(
+                        self.store,
+                        self._publish,
+                        republish_after_s=grace,
+                        lost=self._lost if check_lost else None,
+                        queue=s.queue_name if check_lost else None,
+                    )
                     since_reap = 0.0
+                    if check_lost:
+                        since_lost = 0.0
             except Exception:
                 log.warning("maintenance pass failed", exc_info=True)
             if self._halt.wait(tick):
                 break
             since_beat += tick
             since_reap += tick
+            since_lost += tick
         try:
             self.store.worker_gone(self.worker_name)
         except Exception:

@@ -542,6 +542,32 @@ class JobStore:
     def mark_published(self, job_id: str, attempt: int) -> None:
         self.redis.hset(self.keys.job(job_id), "published", attempt)
 
+    def published_queued(self, limit: int = 100_000) -> list[tuple[str, int]]:
+        """Queued jobs (the `limit` first in line) whose message was confirmed sent."""
+        ids = self.redis.zrange(self.keys.queued, 0, limit - 1)
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self.keys.job(job_id), "state", "attempt", "published")
+        out = []
+        for job_id, (state, attempt, published) in zip(ids, pipe.execute(), strict=True):
+            if state == "queued" and attempt is not None and published == attempt:
+                out.append((job_id, int(attempt)))
+        return out
+
+    def broker_attempts(self, queue: str) -> set[tuple[str, int]]:
+        """`(job_id, attempt)` of every message in the broker: waiting in `queue` or taken by
+        a worker and not yet acknowledged. O(messages): the reaper calls it sparingly."""
+        from worker.queue import message_attempt
+
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lrange(self.keys.broker_queue(queue), 0, -1)
+        pipe.hvals(self.keys.broker_unacked)
+        waiting, taken = pipe.execute()
+        found = (message_attempt(raw) for raw in [*waiting, *taken])
+        return {m for m in found if m is not None}
+
     # -- workers
     def heartbeat(self, worker: str) -> None:
         now_ms = int(time.time() * 1000)

@@ -289,6 +289,33 @@ def test_worker_main_sigkill_resumes_and_strands_no_queued_job(
     check_each_step_once(client, running_id, events, total, 5, every)
 
 
+def test_a_lost_message_is_found_and_its_job_runs(
+    client: httpx.Client, db: redis.Redis, service_env: dict[str, str], healthy_worker: WorkerHandle
+) -> None:
+    """A queued job whose message vanished from the broker (what a worker that took it and
+    died before `begin` leaves behind, or a broker that lost its queue) is not stranded: the
+    reaper sees it missing on two checks a grace period apart, publishes it again, and the
+    job runs as its first attempt."""
+    blocker = submit(client, long_config(steps=5000))["id"]
+    running_attempt(db, blocker, 1)
+    queued_id = submit(client, DUMMY)["id"]
+    queue_key = REDIS_KEYS.broker_queue(service_env["MTL_QUEUE_NAME"])
+    wait_until(lambda: db.llen(queue_key) == 1, "the message to wait in the queue", 10)
+    db.delete(queue_key)  # lost
+    client.post(f"/v1/jobs/{blocker}/cancel")
+    assert wait_for(client, blocker, TERMINAL, timeout=30)["state"] == "cancelled"
+    time.sleep(2)  # the worker is idle; nothing is left to tell it about the queued job
+    assert client.get(f"/v1/jobs/{queued_id}").json()["state"] == "queued"
+
+    final = wait_for(client, queued_id, TERMINAL, timeout=120)
+    assert final["state"] == "succeeded", final
+    assert (final["attempt"], final["restarts"]) == (1, 0)
+    log = healthy_worker.log_text()
+    assert f"job {queued_id} attempt 1: its message is lost; publishing it again" in log
+    events, _ = read_sse(client, queued_id)
+    assert state_events(events) == [(1, "queued"), (1, "running"), (1, "succeeded")]
+
+
 def test_sigterm_is_a_warm_shutdown_and_a_grace_overrun_resumes(
     client: httpx.Client, db: redis.Redis, healthy_worker: WorkerHandle
 ) -> None:
@@ -561,8 +588,8 @@ def _csv(rows: int, seed: int) -> str:
 def test_deterministic_failures_fail_once_with_their_reason(
     client: httpx.Client, db: redis.Redis, service_env: dict[str, str], healthy_worker: WorkerHandle
 ) -> None:
-    """Bad data found late (the file changed after the job was accepted) and an error raised
-    inside training fail the job at the first attempt, with the reason, and never again."""
+    """Bad data found late (the file changed after the job was accepted) and an unexpected
+    error in the worker fail the job at the first attempt, with the reason, and never again."""
     blocker = submit(client, long_config(steps=5000))["id"]
     running_attempt(db, blocker, 1)
 
@@ -580,11 +607,12 @@ def test_deterministic_failures_fail_once_with_their_reason(
     lines[40] = "great soup great,maybe"  # data row 40: a label the task does not have
     path.write_text("\n".join(lines) + "\n")
 
-    # a config the API accepts but training cannot run: 200-token sequences, 128 positions
-    crash = copy.deepcopy(DUMMY)
-    crash["data"]["seq_len"] = 200
-    crash["encoder"]["max_length"] = 256
-    crash_id = submit(client, crash)["id"]
+    # a valid job that its worker cannot run: a file sits where its directory goes (the
+    # worker's disk is not what it should be), so an unexpected exception ends the attempt
+    crash_id = submit(client, DUMMY)["id"]
+    blocked = Path(service_env["MTL_DATA_DIR"]) / "jobs" / crash_id
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("not a directory")
 
     client.post(f"/v1/jobs/{blocker}/cancel")
     bad = wait_for(client, bad_data_id, TERMINAL, timeout=60)
@@ -593,8 +621,8 @@ def test_deterministic_failures_fail_once_with_their_reason(
     assert bad["error"].startswith(f"{dataset['source']}, row 40, column 'sentiment'"), bad["error"]
     assert "maybe" in bad["error"]
     assert crashed["state"] == "failed", crashed
-    assert crashed["error"].startswith("internal error: RuntimeError: "), crashed["error"]
-    assert "200" in crashed["error"] and "128" in crashed["error"]
+    assert crashed["error"].startswith("internal error: FileExistsError: "), crashed["error"]
+    assert str(blocked) in crashed["error"]
 
     time.sleep(4)  # more than a lease and several reaper passes: nothing comes back
     for job_id, job in ((bad_data_id, bad), (crash_id, crashed)):
@@ -605,6 +633,7 @@ def test_deterministic_failures_fail_once_with_their_reason(
         assert state_events(events) == [(1, "queued"), (1, "running"), (1, "failed")]
         assert events[-2]["data"]["data"]["reason"] == job["error"]
         assert not db.sismember(REDIS_KEYS.active, job_id)
+    blocked.unlink()
 
 
 def test_killed_every_time_stops_after_the_restart_budget(
@@ -674,9 +703,7 @@ def test_cancel_queued_running_finished_and_twice(
     # finished jobs: 409 with the state, every time
     ok_id = submit(client, DUMMY)["id"]
     assert wait_for(client, ok_id, TERMINAL)["state"] == "succeeded"
-    bad = copy.deepcopy(DUMMY)
-    bad["data"]["seq_len"], bad["encoder"]["max_length"] = 200, 256
-    bad_id = submit(client, bad)["id"]
+    bad_id = submit(client, _overflowing("stop"))["id"]  # fails: its loss overflows
     assert wait_for(client, bad_id, TERMINAL)["state"] == "failed"
     for job_id, state in ((ok_id, "succeeded"), (bad_id, "failed")):
         for _ in range(2):

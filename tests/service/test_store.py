@@ -6,6 +6,7 @@ These use their own key prefix, so the session's worker (and its reaper) never s
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -289,3 +290,76 @@ def test_unconfirmed_messages_are_published_again(
         reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60)["republished"]
         == []
     )  # marked published now
+
+
+def test_a_lost_message_is_published_again(
+    redis_server: RedisServer, store: JobStore, sync_client: redis.Redis
+) -> None:
+    """A queued, published attempt whose message is nowhere in the broker (a worker took it
+    and died before `begin`) is published again once it has been missing for the grace
+    period; a message waiting in the queue or taken and unacknowledged is not lost."""
+    from app.core.config import Settings
+    from worker.queue import enqueue, make_celery, message_attempt
+
+    settings = Settings(redis_url=redis_server.url, key_prefix=PREFIX, queue_name="lost-test")
+    celery = make_celery(settings)
+    keys = Keys(PREFIX)
+    queue_key = keys.broker_queue("lost-test")
+    sent: list[tuple[str, int]] = []
+
+    def publish(job_id: str, attempt: int) -> None:
+        sent.append((job_id, attempt))
+        enqueue(celery, settings, job_id, attempt)
+
+    def check(lost: dict[tuple[str, int], float]) -> list[tuple[str, int]]:
+        done = reap_once(store, publish, republish_after_s=0.3, lost=lost, queue="lost-test")
+        return [x for x in done["lost"] if x[0] in (job_id, running)]
+
+    try:
+        _, job_id = create(redis_server.url)
+        _, running = create(redis_server.url)
+        for j in (job_id, running):
+            publish(j, 1)
+            store.mark_published(j, 1)
+        assert store.begin(Lease(running, 1, "w1"), 60_000)[0] == "started"
+        raw = sync_client.lrange(queue_key, 0, -1)
+        assert sorted(message_attempt(m) for m in raw) == sorted([(job_id, 1), (running, 1)])
+
+        lost: dict[tuple[str, int], float] = {}
+        assert check(lost) == [] and lost == {}  # waiting in the queue: fine
+
+        # a worker takes the message (kombu: off the list, into the unacked hash): not lost
+        envelope = sync_client.lpop(queue_key, 2)
+        assert envelope is not None
+        mine = next(m for m in envelope if message_attempt(m) == (job_id, 1))
+        sync_client.hset(keys.broker_unacked, "tag-1", json.dumps([json.loads(mine), "", "q"]))
+        assert check(lost) == [] and lost == {}
+
+        # ... then dies before `begin`: the message is gone, the job still queued
+        sync_client.delete(keys.broker_unacked)
+        assert check(lost) == [] and list(lost) == [(job_id, 1)]  # noted, not yet resent
+        time.sleep(0.35)
+        assert check(lost) == [(job_id, 1)] and (job_id, 1) not in lost
+        assert sent.count((job_id, 1)) == 2 and sent.count((running, 1)) == 1
+        raw = sync_client.lrange(queue_key, 0, -1)
+        assert [message_attempt(m) for m in raw] == [(job_id, 1)]  # the new copy waits
+        assert check(lost) == []  # and is found
+    finally:
+        sync_client.delete(queue_key, keys.broker_unacked)
+        celery.close()
+
+
+def test_message_attempt_reads_only_our_messages() -> None:
+    from worker.queue import message_attempt
+
+    assert message_attempt("not json") is None
+    assert message_attempt(json.dumps({"headers": {"task": "other"}, "body": ""})) is None
+    body = base64.b64encode(json.dumps([["j1", 3], {}, {}]).encode()).decode()
+    ours = {
+        "headers": {"task": "mtl.run_job"},
+        "body": body,
+        "properties": {"body_encoding": "base64"},
+    }
+    assert message_attempt(json.dumps(ours)) == ("j1", 3)
+    assert message_attempt(json.dumps([ours, "", "q"])) == ("j1", 3)
+    assert message_attempt(json.dumps(ours | {"body": "%%%"})) is None
