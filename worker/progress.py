@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -79,6 +80,8 @@ class RedisProgress(Callback):
         self.stop_reason: str | None = None
         self.latest: dict[str, dict[str, Any]] = {}
         self.best: dict[str, dict[str, Any]] = {}
+        # when the training thread last showed signs of life (any hook); read by the keeper
+        self.last_progress = time.monotonic()
 
     # ------------------------------------------------------------------ called by other threads
     def request_stop(self, reason: str) -> None:
@@ -110,6 +113,7 @@ class RedisProgress(Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, state: TrainState, control: TrainControl) -> None:
         self.state = state
+        self.last_progress = time.monotonic()
         resumed = wait_for_redis(
             lambda: self.store.resume(self.lease, state.step), "resuming the history"
         )
@@ -130,6 +134,7 @@ class RedisProgress(Callback):
 
     def on_step_end(self, state: TrainState, control: TrainControl) -> None:
         self.state = state
+        self.last_progress = time.monotonic()
         if self.stop_reason is not None:
             control.stop(self.stop_reason)
 
@@ -173,7 +178,10 @@ class RedisProgress(Callback):
 
     # ------------------------------------------------------------------ helpers
     def progress_of(self, state: TrainState) -> dict[str, Any]:
+        """The progress fields of `state` (every hook but `on_step_end` comes through here,
+        which also counts as a sign of life)."""
         self.state = state
+        self.last_progress = time.monotonic()
         return self.progress()
 
     def _check(self, control: TrainControl) -> None:
@@ -240,20 +248,44 @@ class RedisProgress(Callback):
 
 
 class LeaseKeeper(threading.Thread):
-    """Renews the lease, writes progress and reads the cancel flag every `interval` seconds."""
+    """Renews the lease, writes progress and reads the cancel flag every `interval` seconds.
+
+    It is also the hang watchdog: when the training thread has shown no sign of life (a
+    callback hook) for `stall_timeout` seconds (0: never), it gives the lease up (lets it
+    expire now) and calls `on_stall`, which by default ends the process: the reaper then
+    re-queues the job as after a lost worker, and the Celery parent starts a fresh child. It
+    keeps watching after the attempt went stale, until the run stops, so that a stuck stale
+    process does not hold its worker's slot for ever either.
+    """
 
     def __init__(
-        self, store: JobStore, progress: RedisProgress, *, lease_ms: int, interval: float
+        self,
+        store: JobStore,
+        progress: RedisProgress,
+        *,
+        lease_ms: int,
+        interval: float,
+        stall_timeout: float = 0.0,
+        on_stall: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name=f"lease-{progress.lease.job_id}", daemon=True)
         self.store = store
         self.progress = progress
         self.lease_ms = lease_ms
         self.interval = interval
+        self.stall_timeout = stall_timeout
+        self.on_stall = on_stall or _exit_process
+        self.stalled = False
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
+            idle = time.monotonic() - self.progress.last_progress
+            if self.stall_timeout and idle > self.stall_timeout:
+                self._give_up(idle)
+                return
+            if self.progress.stale:
+                continue  # nothing to renew; still watching until the run stops
             try:
                 ours, cancel = self.store.renew(
                     self.progress.lease, self.lease_ms, self.progress.progress()
@@ -264,14 +296,36 @@ class LeaseKeeper(threading.Thread):
             if not ours:
                 log.warning("job %s attempt %s is stale; stopping", *self._ids())
                 self.progress.request_stop(STOP_STALE)
-                return
+                continue
             if cancel:
                 self.progress.request_stop(STOP_CANCELLED)
+
+    def _give_up(self, idle: float) -> None:
+        self.stalled = True
+        log.error(
+            "job %s attempt %s: no progress for %.1f s (more than the stall timeout of %g s); "
+            "presumed hung: giving up the lease and ending this process",
+            *self._ids(),
+            idle,
+            self.stall_timeout,
+        )
+        try:  # expire the lease now (if it is still ours): the reaper re-queues at its next pass
+            self.store.renew(self.progress.lease, 1, self.progress.progress())
+        except Exception:
+            log.warning("could not release the lease; it expires by itself", exc_info=True)
+        self.progress.request_stop(STOP_STALE)
+        self.on_stall()
 
     def _ids(self) -> tuple[str, int]:
         return self.progress.lease.job_id, self.progress.lease.attempt
 
     def stop(self) -> None:
         self._halt.set()
-        if self.is_alive():
+        if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
+
+
+def _exit_process() -> None:
+    """End the training process at once: its main thread is stuck and cannot be asked."""
+    logging.shutdown()
+    os._exit(70)  # EX_SOFTWARE

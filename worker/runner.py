@@ -90,7 +90,13 @@ def run_attempt(job_id: str, attempt: int, settings: Settings, client: Any = Non
             monitor=config.monitor,
             monitor_mode=config.monitor_mode,
         )
-        keeper = LeaseKeeper(store, progress, lease_ms=lease_ms, interval=settings.cancel_poll_s)
+        keeper = LeaseKeeper(
+            store,
+            progress,
+            lease_ms=lease_ms,
+            interval=settings.cancel_poll_s,
+            stall_timeout=settings.stall_timeout_s,
+        )
         keeper.start()
         if settings.torch_threads:
             import torch

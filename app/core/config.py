@@ -96,6 +96,13 @@ class Settings(BaseSettings):
         description="how often a run renews its lease, writes progress and reads "
         "its cancel flag (a background thread; the training step only reads a bool)",
     )
+    stall_timeout_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="a training process that reports no progress (no step end, log, "
+        "evaluation or save) for this long is presumed hung (stuck I/O, a deadlock): it gives "
+        "up its lease and exits, and the job is re-queued as after a lost worker; 0: never",
+    )
     reaper_interval_s: float = Field(default=5.0, gt=0)
     heartbeat_s: float = Field(default=5.0, gt=0, description="worker heartbeat period")
     stream_maxlen: int = Field(

@@ -17,7 +17,9 @@ tests/service/test_faults_stack.py.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import json
 import os
 import random
@@ -187,8 +189,9 @@ def spare_worker(
     the test."""
     started: list[WorkerHandle] = []
 
-    def start(queue: str | None = None) -> WorkerHandle:
+    def start(queue: str | None = None, **extra_env: str) -> WorkerHandle:
         env = {**service_env, "MTL_QUEUE_NAME": queue or service_env["MTL_QUEUE_NAME"]}
+        env |= extra_env
         handle = WorkerHandle(env, tmp_path)
         handle.count = 100 + len(started)  # its own log file names
         started.append(handle)
@@ -634,6 +637,54 @@ def test_deterministic_failures_fail_once_with_their_reason(
         assert events[-2]["data"]["data"]["reason"] == job["error"]
         assert not db.sismember(REDIS_KEYS.active, job_id)
     blocked.unlink()
+
+
+def _freeze_thread(tid: int) -> None:
+    """Stop one thread (not its process) with ptrace: PTRACE_SEIZE, then PTRACE_INTERRUPT.
+    Skips the test where ptrace is not allowed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    for request in (0x4206, 0x4207):  # PTRACE_SEIZE, PTRACE_INTERRUPT
+        if libc.ptrace(request, tid, None, None) != 0:
+            pytest.skip(f"ptrace not allowed here: {os.strerror(ctypes.get_errno())}")
+
+
+def test_a_hung_attempt_is_given_up_and_the_job_resumes(
+    client: httpx.Client,
+    db: redis.Redis,
+    healthy_worker: WorkerHandle,
+    spare_worker: Callable[..., WorkerHandle],
+) -> None:
+    """The training thread hangs while the rest of its process lives on (a deadlock in native
+    code, a stuck collective; here the thread is stopped with ptrace), so its lease thread
+    would renew the lease forever. After `MTL_STALL_TIMEOUT_S` without a hook the lease
+    thread gives the lease up and ends the process; the job resumes from its checkpoint as
+    attempt 2 and succeeds."""
+    healthy_worker.stop()  # only the worker with a short stall timeout may take the job
+    worker = spare_worker(MTL_STALL_TIMEOUT_S="4")
+    total, every = 120, 20
+    job_id = submit(client, long_config(steps=total, checkpoint_every=every))["id"]
+    pid = running_attempt(db, job_id, 1)
+    wait_checkpoint(client, job_id, at_least=every, past=3)
+    _freeze_thread(pid)  # the training (main) thread of the attempt's process
+    try:
+        hung_at = time.monotonic()
+        wait_until(lambda: f"job {job_id} attempt 1: no progress for " in worker.log_text(),
+                   "the attempt to be given up", 30)  # fmt: skip
+        assert 4 <= time.monotonic() - hung_at < 15
+    finally:
+        # as its tracer, collect the process's exit (or let it go) so its parent sees it
+        with contextlib.suppress(ChildProcessError, OSError):
+            wait_until(lambda: os.waitpid(pid, os.WNOHANG | 0x40000000)[0] == pid,
+                       "the hung process to end", 15)  # fmt: skip
+    final = wait_for(client, job_id, TERMINAL, timeout=120)
+    assert final["state"] == "succeeded", (final, worker.log_text()[-3000:])
+    assert (final["attempt"], final["restarts"], final["progress"]["step"]) == (2, 1, total)
+    assert not alive(pid)
+    events, _ = read_sse(client, job_id)
+    assert state_events(events) == [(1, "queued"), (1, "running"), (2, "queued"),
+                                    (2, "running"), (2, "succeeded")]  # fmt: skip
+    assert resume_of(events, 2)["from_step"] >= every
 
 
 def test_killed_every_time_stops_after_the_restart_budget(

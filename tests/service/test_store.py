@@ -274,6 +274,44 @@ def test_a_superseded_attempt_writes_no_checkpoint(
     assert not (tmp_path / "model").exists()
 
 
+def test_the_keeper_gives_up_a_hung_attempt(
+    redis_server: RedisServer, store: JobStore, sync_client: redis.Redis
+) -> None:
+    """No hook for longer than the stall timeout: the keeper stops renewing, expires the
+    lease at once and calls `on_stall`; the reaper's next pass re-queues the job. A run that
+    keeps calling hooks is left alone."""
+    from mtl.callbacks import TrainControl, TrainState
+
+    _, job_id = create(redis_server.url)
+    lease = Lease(job_id, 1, "w1")
+    assert store.begin(lease, 60_000)[0] == "started"
+    cb = RedisProgress(store, lease, lease_ms=60_000, monitor="mean/macro_f1", monitor_mode="max")
+    stalls: list[float] = []
+    keeper = LeaseKeeper(store, cb, lease_ms=60_000, interval=0.05, stall_timeout=0.5,
+                         on_stall=lambda: stalls.append(time.monotonic()))  # fmt: skip
+    state, control = TrainState(total_steps=100), TrainControl()
+    cb.on_train_begin(state, control)
+    keeper.start()
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:  # 1 s of steady steps: alive
+        state.step += 1
+        cb.on_step_end(state, control)
+        time.sleep(0.02)
+    assert stalls == [] and keeper.is_alive() and not keeper.stalled
+    assert sync_client.pttl(Keys(PREFIX).lease(job_id)) > 50_000
+
+    hung_at = time.monotonic()  # the training thread stops calling hooks
+    keeper.join(timeout=5)
+    assert keeper.stalled and len(stalls) == 1
+    assert 0.45 <= stalls[0] - hung_at < 1.5  # (the last hook came up to 20 ms earlier)
+    # given up (expiring within a millisecond), not left to run out its 60 s
+    assert sync_client.pttl(Keys(PREFIX).lease(job_id)) in (-2, 0, 1)
+    time.sleep(0.01)
+    assert cb.stale
+    published: list[tuple[str, int]] = []
+    assert reap_once(store, lambda j, a: published.append((j, a)))["requeued"] == [(job_id, 2)]
+
+
 def test_unconfirmed_messages_are_published_again(
     redis_server: RedisServer, store: JobStore, sync_client: redis.Redis
 ) -> None:
