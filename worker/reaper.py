@@ -12,13 +12,14 @@ safe (a job whose lease expired is moved exactly once). It does three things:
 * republish: a queued attempt whose message was never confirmed sent (the API or the reaper
   died between the two writes) is published again. Duplicates are harmless: a message whose
   attempt is not the job's current queued attempt does nothing;
-* find lost messages: every `republish_after_s`, the queued attempts whose message was sent
-  but is nowhere in the broker (neither waiting in the queue nor taken and unacknowledged) are
+* find lost messages: every `republish_after_s / 2`, the queued attempts whose message was
+  sent but is nowhere in the broker (waiting in no queue, not taken and unacknowledged) are
   noted; one still missing on a check at least `republish_after_s` later is published again.
   That is the message a worker took (early acknowledgement) whose process then died before
   the attempt began, or one a broker restart lost. The wait covers the moment between a
   worker taking a message and `begin` (milliseconds; a false alarm would only add a
-  harmless duplicate).
+  harmless duplicate). A lost message is published to this worker's queue: one queue per
+  deployment is assumed.
 """
 
 from __future__ import annotations

@@ -557,15 +557,21 @@ class JobStore:
         return out
 
     def broker_attempts(self, queue: str) -> set[tuple[str, int]]:
-        """`(job_id, attempt)` of every message in the broker: waiting in `queue` or taken by
-        a worker and not yet acknowledged. O(messages): the reaper calls it sparingly."""
+        """`(job_id, attempt)` of every message in the broker: waiting in `queue` or in any
+        other queue kombu has bound under our prefix (workers may read different queues), or
+        taken by a worker and not yet acknowledged. O(messages): the reaper calls it sparingly.
+        """
         from worker.queue import message_attempt
 
+        binding = f"{self.keys.broker_prefix}_kombu.binding."
+        queues = {queue} | {
+            key[len(binding) :] for key in self.redis.scan_iter(match=f"{binding}*", count=500)
+        }
         pipe = self.redis.pipeline(transaction=False)
-        pipe.lrange(self.keys.broker_queue(queue), 0, -1)
+        for name in sorted(queues):
+            pipe.lrange(self.keys.broker_queue(name), 0, -1)
         pipe.hvals(self.keys.broker_unacked)
-        waiting, taken = pipe.execute()
-        found = (message_attempt(raw) for raw in [*waiting, *taken])
+        found = (message_attempt(raw) for batch in pipe.execute() for raw in batch)
         return {m for m in found if m is not None}
 
     # -- workers

@@ -382,8 +382,16 @@ def test_a_lost_message_is_published_again(
         raw = sync_client.lrange(queue_key, 0, -1)
         assert [message_attempt(m) for m in raw] == [(job_id, 1)]  # the new copy waits
         assert check(lost) == []  # and is found
+
+        # a message waiting in another queue (workers may read different queues) is not lost
+        other = Settings(redis_url=redis_server.url, key_prefix=PREFIX, queue_name="other-q")
+        sync_client.delete(queue_key)
+        enqueue(celery, other, job_id, 1)
+        assert sync_client.llen(keys.broker_queue("other-q")) == 1
+        assert (job_id, 1) in store.broker_attempts("lost-test")
+        assert check(lost) == [] and lost == {}
     finally:
-        sync_client.delete(queue_key, keys.broker_unacked)
+        sync_client.delete(queue_key, keys.broker_unacked, keys.broker_queue("other-q"))
         celery.close()
 
 
