@@ -23,6 +23,8 @@ Indexes::
     {p}:dataset:{id}        hash    an uploaded dataset's record
     {p}:owner:{o}:datasets  zset    the owner's dataset ids, score = upload time (ms)
     {p}:workers             zset    worker heartbeats, member = worker name, score = time (ms)
+    {p}:proc:{host}:{pid}   string  "<job id> <attempt> <token>": the attempt a training process
+                                    runs (set after `begin`, removed when it ends)
 
 Celery's (kombu's) own keys, under ``{p}:celery:``::
 
@@ -106,6 +108,12 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    def process(self, host: str, pid: int) -> str:
+        return f"{self.prefix}:proc:{host}:{pid}"
+
+    def processes_pattern(self, host: str) -> str:
+        return f"{self.prefix}:proc:{host}:*"
 
     # ------------------------------------------------------------------- broker (kombu)
     @property

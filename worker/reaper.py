@@ -19,14 +19,25 @@ safe (a job whose lease expired is moved exactly once). It does three things:
   the attempt began, or one a broker restart lost. The wait covers the moment between a
   worker taking a message and `begin` (milliseconds; a false alarm would only add a
   harmless duplicate). A lost message is published to this worker's queue: one queue per
-  deployment is assumed.
+  deployment is assumed;
+* end stale training processes: each training process records which attempt it runs
+  (`{p}:proc:{host}:{pid}`); a child of this worker whose attempt is no longer its job's
+  current one (the lease lapsed and the job moved on) normally notices and exits within a
+  step; one still alive `3 * lease_ttl_s` later is frozen or stuck while holding the GIL
+  (so its own watchdog cannot run) and is killed, freeing the worker's process slot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import socket
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -35,7 +46,7 @@ from app.core.config import Settings
 from worker.queue import enqueue
 from worker.store import JobStore
 
-__all__ = ["Maintenance", "reap_once"]
+__all__ = ["Maintenance", "end_stale_processes", "reap_once"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +114,68 @@ def find_lost_messages(
             done["lost"].append((job_id, attempt))
 
 
+def child_pids(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (Linux /proc; empty elsewhere)."""
+    found: set[int] = set()
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found.update(int(c) for c in (task / "children").read_text().split())
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)  # works on a stopped process too
+
+
+def end_stale_processes(
+    store: JobStore,
+    host: str,
+    children: set[int],
+    stale_since: dict[int, float],
+    grace_s: float,
+    kill: Callable[[int], None] = _kill,
+) -> list[int]:
+    """Kill the `children` whose recorded attempt has been stale for `grace_s` (see the module
+    docstring); forget the records of processes of `host` that are gone. Returns the pids
+    killed. `stale_since` (pid -> when first seen stale) is kept between passes."""
+    now = time.monotonic()
+    attempts = store.process_attempts(host)
+    killed: list[int] = []
+    for pid, lease in attempts.items():
+        if not _alive(pid):
+            store.clear_process_attempt(host, pid)  # ended without clearing (killed)
+            stale_since.pop(pid, None)
+            continue
+        if pid not in children or store.attempt_is_current(lease):
+            stale_since.pop(pid, None)
+            continue
+        first = stale_since.setdefault(pid, now)
+        if now - first >= grace_s:
+            log.error("job %s attempt %s: its process %s is stale and still alive %.0f s "
+                      "later (frozen or stuck); killing it", lease.job_id, lease.attempt, pid,
+                      now - first)  # fmt: skip
+            kill(pid)
+            store.clear_process_attempt(host, pid)
+            stale_since.pop(pid, None)
+            killed.append(pid)
+    for pid in set(stale_since) - set(attempts):
+        del stale_since[pid]
+    return killed
+
+
 class Maintenance(threading.Thread):
     def __init__(
         self, settings: Settings, store: JobStore, celery: Celery, worker_name: str
@@ -114,6 +187,7 @@ class Maintenance(threading.Thread):
         self.worker_name = worker_name
         self._halt = threading.Event()
         self._lost: dict[tuple[str, int], float] = {}
+        self._stale: dict[int, float] = {}
 
     def _publish(self, job_id: str, attempt: int) -> None:
         enqueue(self.celery, self.settings, job_id, attempt)
@@ -140,6 +214,13 @@ class Maintenance(threading.Thread):
                     since_reap = 0.0
                     if check_lost:
                         since_lost = 0.0
+                    end_stale_processes(
+                        self.store,
+                        socket.gethostname(),
+                        child_pids(os.getpid()),
+                        self._stale,
+                        grace_s=3 * s.lease_ttl_s,
+                    )
             except Exception:
                 log.warning("maintenance pass failed", exc_info=True)
             if self._halt.wait(tick):

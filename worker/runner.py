@@ -70,7 +70,25 @@ def run_attempt(job_id: str, attempt: int, settings: Settings, client: Any = Non
     if status != "started":
         log.info("job %s attempt %s not started: %s %s", job_id, attempt, status, detail)
         return status
+    # tell this worker's parent which attempt this process runs (see worker.reaper)
+    host, pid = socket.gethostname(), os.getpid()
+    _best_effort(lambda: store.set_process_attempt(host, pid, lease), "recording the attempt")
+    try:
+        return _run_started(store, lease, lease_ms, settings)
+    finally:
+        _best_effort(lambda: store.clear_process_attempt(host, pid), "clearing the attempt")
 
+
+def _best_effort(call: Any, what: str) -> None:
+    try:
+        call()
+    except Exception:
+        log.warning("%s failed", what, exc_info=True)
+
+
+def _run_started(store: JobStore, lease: Lease, lease_ms: int, settings: Settings) -> str:
+    """The attempt after `begin`: train, then `finish` (fenced)."""
+    job_id, attempt = lease.job_id, lease.attempt
     from mtl.callbacks import TrainControl
     from mtl.config import TrainConfig
     from mtl.errors import MTLError

@@ -574,6 +574,37 @@ class JobStore:
         found = (message_attempt(raw) for batch in pipe.execute() for raw in batch)
         return {m for m in found if m is not None}
 
+    # -- training processes (for their worker's parent process)
+    def set_process_attempt(self, host: str, pid: int, lease: Lease) -> None:
+        value = f"{lease.job_id} {lease.attempt} {lease.token}"
+        self.redis.set(self.keys.process(host, pid), value, ex=30 * 24 * 3600)
+
+    def clear_process_attempt(self, host: str, pid: int) -> None:
+        self.redis.delete(self.keys.process(host, pid))
+
+    def process_attempts(self, host: str) -> dict[int, Lease]:
+        """pid -> the attempt that process said it runs, for every process of `host`."""
+        prefix = self.keys.process(host, 0)[:-1]
+        keys = list(self.redis.scan_iter(match=self.keys.processes_pattern(host), count=500))
+        out: dict[int, Lease] = {}
+        for key, value in zip(keys, self.redis.mget(keys) if keys else [], strict=True):
+            pid, parts = key[len(prefix) :], (value or "").split(" ")
+            if pid.isdigit() and len(parts) == 3 and parts[1].isdigit():
+                out[int(pid)] = Lease(parts[0], int(parts[1]), parts[2])
+        return out
+
+    def attempt_is_current(self, lease: Lease) -> bool:
+        """Whether `lease` still runs its job: the job's current attempt, running or
+        cancelling, under this very token."""
+        state, attempt, worker = self.redis.hmget(
+            self.keys.job(lease.job_id), "state", "attempt", "worker"
+        )
+        return (
+            state in ("running", "cancelling")
+            and attempt == str(lease.attempt)
+            and worker == lease.token
+        )
+
     # -- workers
     def heartbeat(self, worker: str) -> None:
         now_ms = int(time.time() * 1000)

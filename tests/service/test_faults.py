@@ -17,6 +17,7 @@ tests/service/test_faults_stack.py.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import json
@@ -472,6 +473,36 @@ def test_a_frozen_attempt_is_fenced_off_while_the_next_one_trains(
     check_each_step_once(client, job_id, events, total, 5, every)
     assert "stale" in healthy_worker.log_text()  # it noticed and left the job alone
     assert other.process is not None and other.process.poll() is None
+
+
+def test_a_frozen_attempt_on_the_only_worker_is_killed_and_the_job_resumes_there(
+    client: httpx.Client, db: redis.Redis, healthy_worker: WorkerHandle
+) -> None:
+    """The training child freezes as a whole (SIGSTOP), so neither it nor its watchdog can run,
+    and there is no other worker. Its lease lapses, the reaper re-queues the job, and once the
+    frozen process has been stale for 3 leases its parent kills it: the worker's slot is free
+    again and attempt 2 runs on the same worker and succeeds."""
+    total, every = 200, 40
+    job_id = submit(client, long_config(steps=total, checkpoint_every=every))["id"]
+    frozen = running_attempt(db, job_id, 1)
+    wait_checkpoint(client, job_id, at_least=every, past=3)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        second = running_attempt(db, job_id, 2, timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+    assert second != frozen and not alive(frozen)
+    log = healthy_worker.log_text()
+    assert f"job {job_id} attempt 1: its process {frozen} is stale" in log
+    final = wait_for(client, job_id, TERMINAL, timeout=120)
+    assert final["state"] == "succeeded", final
+    assert (final["attempt"], final["restarts"], final["progress"]["step"]) == (2, 1, total)
+    assert token_pid(record(db, job_id)["worker"]) == second
+    events, _ = read_sse(client, job_id)
+    assert state_events(events) == [(1, "queued"), (1, "running"), (2, "queued"),
+                                    (2, "running"), (2, "succeeded")]  # fmt: skip
+    check_one_attempt_at_a_time(events)
 
 
 # ------------------------------------------------------------------- duplicate delivery

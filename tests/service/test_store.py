@@ -8,6 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -409,3 +413,46 @@ def test_message_attempt_reads_only_our_messages() -> None:
     assert message_attempt(json.dumps(ours)) == ("j1", 3)
     assert message_attempt(json.dumps([ours, "", "q"])) == ("j1", 3)
     assert message_attempt(json.dumps(ours | {"body": "%%%"})) is None
+
+
+def test_stale_training_processes_are_killed_after_the_grace(
+    redis_server: RedisServer, store: JobStore, sync_client: redis.Redis
+) -> None:
+    """A child whose recorded attempt is current is left alone; one whose job moved on is
+    killed once it has been stale for the grace period (it would have exited by itself by
+    then if it could); another worker's process is never touched; the records of processes
+    that are gone are removed."""
+    from worker.reaper import child_pids, end_stale_processes
+
+    host = "host-under-test"
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+             for _ in range(3)]  # fmt: skip
+    current, stale, foreign = procs
+    try:
+        assert {p.pid for p in procs} <= child_pids(os.getpid())
+        jobs = {p.pid: create(redis_server.url)[1] for p in procs}
+        for p in procs:
+            lease = Lease(jobs[p.pid], 1, f"{host}:{p.pid}:x")
+            assert store.begin(lease, 60_000)[0] == "started"
+            store.set_process_attempt(host, p.pid, lease)
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        store.set_process_attempt(host, gone.pid, Lease("job_gone", 1, "t"))
+        children = {current.pid, stale.pid}  # `foreign` belongs to another worker
+        sync_client.hset(Keys(PREFIX).job(jobs[stale.pid]), "attempt", 2)  # moved on
+        sync_client.hset(Keys(PREFIX).job(jobs[foreign.pid]), "attempt", 2)
+
+        since: dict[int, float] = {}
+        assert end_stale_processes(store, host, children, since, grace_s=0.3) == []
+        assert list(since) == [stale.pid]
+        assert gone.pid not in store.process_attempts(host)  # its record is cleaned up
+        time.sleep(0.35)
+        assert end_stale_processes(store, host, children, since, grace_s=0.3) == [stale.pid]
+        assert stale.wait(timeout=5) == -signal.SIGKILL
+        assert current.poll() is None and foreign.poll() is None
+        assert sorted(store.process_attempts(host)) == sorted([current.pid, foreign.pid])
+        assert since == {}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
