@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from app.core.config import get_settings
 from worker.queue import make_celery
@@ -37,6 +37,20 @@ def _preload(**_: object) -> None:
         import mtl.trainer  # noqa: F401
     except Exception:  # the child will report the real error on its job
         log.warning("could not preload mtl.trainer", exc_info=True)
+
+
+@worker_process_init.connect
+def _forget_previous_attempt(**_: object) -> None:
+    """A new pool process may reuse the pid of one that died without clearing its attempt
+    record (see `worker.reaper.end_stale_processes`): clear it before anyone reads it."""
+    from worker.runner import make_store, sync_redis
+
+    try:
+        make_store(settings, sync_redis(settings)).clear_process_attempt(
+            socket.gethostname(), os.getpid()
+        )
+    except Exception:
+        log.warning("could not clear this process's attempt record", exc_info=True)
 
 
 @worker_ready.connect

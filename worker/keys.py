@@ -24,7 +24,8 @@ Indexes::
     {p}:owner:{o}:datasets  zset    the owner's dataset ids, score = upload time (ms)
     {p}:workers             zset    worker heartbeats, member = worker name, score = time (ms)
     {p}:proc:{host}:{pid}   string  "<job id> <attempt> <token>": the attempt a training process
-                                    runs (set after `begin`, removed when it ends)
+                                    runs (set after `begin`, removed when it ends, at the
+                                    start of a process reusing the pid, or by the parent)
 
 Celery's (kombu's) own keys, under ``{p}:celery:``::
 
@@ -111,9 +112,6 @@ class Keys:
 
     def process(self, host: str, pid: int) -> str:
         return f"{self.prefix}:proc:{host}:{pid}"
-
-    def processes_pattern(self, host: str) -> str:
-        return f"{self.prefix}:proc:{host}:*"
 
     # ------------------------------------------------------------------- broker (kombu)
     @property

@@ -46,30 +46,14 @@ from app.core.config import Settings
 from worker.queue import enqueue
 from worker.store import JobStore
 
-__all__ = ["Maintenance", "end_stale_processes", "reap_once"]
+__all__ = ["Maintenance", "end_stale_processes", "find_lost_messages", "reap_once"]
 
 log = logging.getLogger(__name__)
 
 
-def reap_once(
-    store: JobStore,
-    publish: Any,
-    *,
-    republish_after_s: float = 30.0,
-    lost: dict[tuple[str, int], float] | None = None,
-    queue: str | None = None,
-) -> dict[str, Any]:
-    """One pass. `publish(job_id, attempt)` sends the message. Returns what it did.
-
-    With `queue` and `lost` (a dict kept between passes: attempt -> when first seen missing),
-    also look for lost messages (see the module docstring)."""
-    done: dict[str, Any] = {
-        "requeued": [],
-        "failed": [],
-        "cancelled": [],
-        "republished": [],
-        "lost": [],
-    }
+def reap_once(store: JobStore, publish: Any, *, republish_after_s: float = 30.0) -> dict[str, Any]:
+    """One pass. `publish(job_id, attempt)` sends the message. Returns what it did."""
+    done: dict[str, Any] = {"requeued": [], "failed": [], "cancelled": [], "republished": []}
     for job_id in store.active_jobs():
         status, attempt = store.reap(job_id)
         if status == "requeued" and attempt is not None:
@@ -85,8 +69,6 @@ def reap_once(
         publish(job_id, attempt)
         store.mark_published(job_id, attempt)
         done["republished"].append((job_id, attempt))
-    if queue is not None and lost is not None:
-        find_lost_messages(store, publish, queue, lost, republish_after_s, done)
     return done
 
 
@@ -96,13 +78,16 @@ def find_lost_messages(
     queue: str,
     lost: dict[tuple[str, int], float],
     grace_s: float,
-    done: dict[str, Any],
-) -> None:
+) -> list[tuple[str, int]]:
+    """Publish again the queued attempts whose message has been missing from the broker for
+    `grace_s` (see the module docstring); returns them. `lost` (attempt -> when first seen
+    missing) is kept between calls."""
     present = store.broker_attempts(queue)  # before the jobs: a message taken meanwhile
     missing = [a for a in store.published_queued() if a not in present]  # is now running
     now = time.monotonic()
     for key in set(lost) - set(missing):
         del lost[key]  # found, started or gone
+    republished = []
     for job_id, attempt in missing:
         first = lost.setdefault((job_id, attempt), now)
         if now - first >= grace_s:
@@ -111,7 +96,8 @@ def find_lost_messages(
             publish(job_id, attempt)
             store.mark_published(job_id, attempt)
             del lost[(job_id, attempt)]
-            done["lost"].append((job_id, attempt))
+            republished.append((job_id, attempt))
+    return republished
 
 
 def child_pids(pid: int) -> set[int]:
@@ -125,16 +111,6 @@ def child_pids(pid: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)  # works on a stopped process too
@@ -144,34 +120,36 @@ def end_stale_processes(
     store: JobStore,
     host: str,
     children: set[int],
+    known: set[int],
     stale_since: dict[int, float],
     grace_s: float,
     kill: Callable[[int], None] = _kill,
 ) -> list[int]:
     """Kill the `children` whose recorded attempt has been stale for `grace_s` (see the module
-    docstring); forget the records of processes of `host` that are gone. Returns the pids
-    killed. `stale_since` (pid -> when first seen stale) is kept between passes."""
+    docstring). Returns the pids killed. Kept between passes: `known`, the children of the
+    last pass (the records of those that have gone since are removed: a process killed hard
+    cannot remove its own), and `stale_since`, pid -> when first seen stale."""
+    for pid in known - children:
+        store.clear_process_attempt(host, pid)
+    known.clear()
+    known.update(children)
     now = time.monotonic()
-    attempts = store.process_attempts(host)
     killed: list[int] = []
-    for pid, lease in attempts.items():
-        if not _alive(pid):
-            store.clear_process_attempt(host, pid)  # ended without clearing (killed)
-            stale_since.pop(pid, None)
-            continue
-        if pid not in children or store.attempt_is_current(lease):
-            stale_since.pop(pid, None)
+    still_stale: set[int] = set()
+    for pid, lease in store.process_attempts(host, children).items():
+        if store.attempt_is_current(lease):
             continue
         first = stale_since.setdefault(pid, now)
-        if now - first >= grace_s:
-            log.error("job %s attempt %s: its process %s is stale and still alive %.0f s "
-                      "later (frozen or stuck); killing it", lease.job_id, lease.attempt, pid,
-                      now - first)  # fmt: skip
-            kill(pid)
-            store.clear_process_attempt(host, pid)
-            stale_since.pop(pid, None)
-            killed.append(pid)
-    for pid in set(stale_since) - set(attempts):
+        if now - first < grace_s:
+            still_stale.add(pid)
+            continue
+        log.error("job %s attempt %s: its process %s is stale and still alive %.0f s later "
+                  "(frozen or stuck); killing it", lease.job_id, lease.attempt, pid,
+                  now - first)  # fmt: skip
+        kill(pid)
+        store.clear_process_attempt(host, pid)
+        killed.append(pid)
+    for pid in set(stale_since) - still_stale:
         del stale_since[pid]
     return killed
 
@@ -187,6 +165,7 @@ class Maintenance(threading.Thread):
         self.worker_name = worker_name
         self._halt = threading.Event()
         self._lost: dict[tuple[str, int], float] = {}
+        self._children: set[int] = set()
         self._stale: dict[int, float] = {}
 
     def _publish(self, job_id: str, attempt: int) -> None:
@@ -203,24 +182,19 @@ class Maintenance(threading.Thread):
                     self.store.heartbeat(self.worker_name)
                     since_beat = 0.0
                 if since_reap >= s.reaper_interval_s:
-                    check_lost = since_lost >= grace / 2
-                    reap_once(
-                        self.store,
-                        self._publish,
-                        republish_after_s=grace,
-                        lost=self._lost if check_lost else None,
-                        queue=s.queue_name if check_lost else None,
-                    )
-                    since_reap = 0.0
-                    if check_lost:
-                        since_lost = 0.0
+                    reap_once(self.store, self._publish, republish_after_s=grace)
                     end_stale_processes(
                         self.store,
                         socket.gethostname(),
                         child_pids(os.getpid()),
+                        self._children,
                         self._stale,
                         grace_s=3 * s.lease_ttl_s,
                     )
+                    since_reap = 0.0
+                if since_lost >= grace / 2:
+                    find_lost_messages(self.store, self._publish, s.queue_name, self._lost, grace)
+                    since_lost = 0.0
             except Exception:
                 log.warning("maintenance pass failed", exc_info=True)
             if self._halt.wait(tick):

@@ -582,15 +582,16 @@ class JobStore:
     def clear_process_attempt(self, host: str, pid: int) -> None:
         self.redis.delete(self.keys.process(host, pid))
 
-    def process_attempts(self, host: str) -> dict[int, Lease]:
-        """pid -> the attempt that process said it runs, for every process of `host`."""
-        prefix = self.keys.process(host, 0)[:-1]
-        keys = list(self.redis.scan_iter(match=self.keys.processes_pattern(host), count=500))
+    def process_attempts(self, host: str, pids: Iterable[int]) -> dict[int, Lease]:
+        """pid -> the attempt that process of `host` said it runs, for those of `pids` that
+        recorded one."""
+        pids = list(pids)
+        values = self.redis.mget([self.keys.process(host, pid) for pid in pids]) if pids else []
         out: dict[int, Lease] = {}
-        for key, value in zip(keys, self.redis.mget(keys) if keys else [], strict=True):
-            pid, parts = key[len(prefix) :], (value or "").split(" ")
-            if pid.isdigit() and len(parts) == 3 and parts[1].isdigit():
-                out[int(pid)] = Lease(parts[0], int(parts[1]), parts[2])
+        for pid, value in zip(pids, values, strict=True):
+            parts = (value or "").split(" ")
+            if len(parts) == 3 and parts[1].isdigit():
+                out[pid] = Lease(parts[0], int(parts[1]), parts[2])
         return out
 
     def attempt_is_current(self, lease: Lease) -> bool:

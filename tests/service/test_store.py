@@ -25,7 +25,7 @@ from app.serve import RedisServer
 from tests.service.conftest import long_config
 from worker.keys import Keys
 from worker.progress import STOP_CANCELLED, STOP_STALE, LeaseKeeper, RedisProgress
-from worker.reaper import reap_once
+from worker.reaper import find_lost_messages, reap_once
 from worker.store import AsyncJobStore, JobStore, Lease, make_event
 
 PREFIX = "unit"
@@ -354,8 +354,8 @@ def test_a_lost_message_is_published_again(
         enqueue(celery, settings, job_id, attempt)
 
     def check(lost: dict[tuple[str, int], float]) -> list[tuple[str, int]]:
-        done = reap_once(store, publish, republish_after_s=0.3, lost=lost, queue="lost-test")
-        return [x for x in done["lost"] if x[0] in (job_id, running)]
+        done = find_lost_messages(store, publish, "lost-test", lost, grace_s=0.3)
+        return [x for x in done if x[0] in (job_id, running)]
 
     try:
         _, job_id = create(redis_server.url)
@@ -420,8 +420,8 @@ def test_stale_training_processes_are_killed_after_the_grace(
 ) -> None:
     """A child whose recorded attempt is current is left alone; one whose job moved on is
     killed once it has been stale for the grace period (it would have exited by itself by
-    then if it could); another worker's process is never touched; the records of processes
-    that are gone are removed."""
+    then if it could); another worker's process is never touched; the record of a child that
+    has gone since the last pass is removed."""
     from worker.reaper import child_pids, end_stale_processes
 
     host = "host-under-test"
@@ -435,22 +435,25 @@ def test_stale_training_processes_are_killed_after_the_grace(
             lease = Lease(jobs[p.pid], 1, f"{host}:{p.pid}:x")
             assert store.begin(lease, 60_000)[0] == "started"
             store.set_process_attempt(host, p.pid, lease)
-        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])  # killed hard, say
         gone.wait()
         store.set_process_attempt(host, gone.pid, Lease("job_gone", 1, "t"))
         children = {current.pid, stale.pid}  # `foreign` belongs to another worker
+        known = {current.pid, stale.pid, gone.pid}  # the children of the last pass
         sync_client.hset(Keys(PREFIX).job(jobs[stale.pid]), "attempt", 2)  # moved on
         sync_client.hset(Keys(PREFIX).job(jobs[foreign.pid]), "attempt", 2)
 
         since: dict[int, float] = {}
-        assert end_stale_processes(store, host, children, since, grace_s=0.3) == []
-        assert list(since) == [stale.pid]
-        assert gone.pid not in store.process_attempts(host)  # its record is cleaned up
+        assert end_stale_processes(store, host, children, known, since, grace_s=0.3) == []
+        assert list(since) == [stale.pid] and known == children
+        assert store.process_attempts(host, [gone.pid]) == {}  # its record is cleaned up
         time.sleep(0.35)
-        assert end_stale_processes(store, host, children, since, grace_s=0.3) == [stale.pid]
+        killed = end_stale_processes(store, host, children, known, since, grace_s=0.3)
+        assert killed == [stale.pid]
         assert stale.wait(timeout=5) == -signal.SIGKILL
         assert current.poll() is None and foreign.poll() is None
-        assert sorted(store.process_attempts(host)) == sorted([current.pid, foreign.pid])
+        left = store.process_attempts(host, [p.pid for p in procs])
+        assert sorted(left) == sorted([current.pid, foreign.pid])
         assert since == {}
     finally:
         for p in procs:
