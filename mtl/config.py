@@ -102,23 +102,23 @@ def _finite(value: float | None, info: Any) -> float | None:
 
 class RandomInit(_Strict):
     """A small BERT built with random weights (tests, dummy runs): the `transformers.BertConfig`
-    fields a config may set. Anything else is refused: BertConfig takes any keyword (remote-code
-    hooks such as `auto_map` included), and sizes it does not check allocate memory. Fields left
-    out take BertConfig's defaults."""
+    fields a config may set, with BertConfig's defaults. Anything else is refused: BertConfig
+    takes any keyword (remote-code hooks such as `auto_map` included), and sizes it does not
+    check allocate memory."""
 
-    hidden_size: int | None = Field(None, ge=1, le=4096)
-    num_hidden_layers: int | None = Field(None, ge=1, le=48)
-    num_attention_heads: int | None = Field(None, ge=1, le=64)
-    intermediate_size: int | None = Field(None, ge=1, le=16384)
-    vocab_size: int | None = Field(None, ge=1, le=250_000)
-    max_position_embeddings: int | None = Field(None, ge=1, le=8192)
-    type_vocab_size: int | None = Field(None, ge=1, le=16)
-    pad_token_id: int | None = Field(None, ge=0, le=250_000)
-    hidden_dropout_prob: float | None = Field(None, ge=0.0, le=0.99)
-    attention_probs_dropout_prob: float | None = Field(None, ge=0.0, le=0.99)
-    layer_norm_eps: float | None = Field(None, ge=1e-12, le=0.1)
-    initializer_range: float | None = Field(None, ge=1e-6, le=1.0)
-    hidden_act: Literal["gelu", "gelu_new", "relu", "silu", "tanh"] | None = None
+    hidden_size: int = Field(768, ge=1, le=4096)
+    num_hidden_layers: int = Field(12, ge=1, le=48)
+    num_attention_heads: int = Field(12, ge=1, le=64)
+    intermediate_size: int = Field(3072, ge=1, le=16384)
+    vocab_size: int = Field(30522, ge=1, le=250_000)
+    max_position_embeddings: int = Field(512, ge=1, le=8192)
+    type_vocab_size: int = Field(2, ge=1, le=16)
+    pad_token_id: int = Field(0, ge=0, le=250_000)
+    hidden_dropout_prob: float = Field(0.1, ge=0.0, le=0.99)
+    attention_probs_dropout_prob: float = Field(0.1, ge=0.0, le=0.99)
+    layer_norm_eps: float = Field(1e-12, ge=1e-12, le=0.1)
+    initializer_range: float = Field(0.02, ge=1e-6, le=1.0)
+    hidden_act: Literal["gelu", "gelu_new", "relu", "silu", "tanh"] = "gelu"
 
     # bools are not sizes: pydantic's lax mode would take `true` as 1
     @field_validator(
@@ -140,17 +140,12 @@ class RandomInit(_Strict):
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> RandomInit:
-        hidden = self.hidden_size or 768
-        heads = self.num_attention_heads or 12
-        if hidden % heads:
+        if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads})"
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})"
             )
         return self
-
-    def bert_kwargs(self) -> dict[str, Any]:
-        """The fields that were set, as keyword arguments for `BertConfig`."""
-        return self.model_dump(exclude_none=True)
 
 
 class EncoderConfig(_Strict):
@@ -481,9 +476,7 @@ class TrainConfig(_Strict):
                     raise ValueError(f"task {t.name!r}: per-task data needs data.kind='files'")
         init = self.encoder.random_init
         if init is not None:
-            # BertConfig's defaults where the config leaves them out
-            vocab = init.vocab_size or 30522
-            positions = init.max_position_embeddings or 512
+            vocab, positions = init.vocab_size, init.max_position_embeddings
             if isinstance(self.data, DummyData):
                 if self.data.vocab_size > vocab:
                     raise ValueError(

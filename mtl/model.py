@@ -53,7 +53,7 @@ def _build_random(config: RandomInit) -> nn.Module:
     from transformers import BertConfig, BertModel
 
     try:
-        cfg = BertConfig(**config.bert_kwargs())
+        cfg = BertConfig(**config.model_dump())
     except (TypeError, ValueError) as exc:
         raise ModelError(f"encoder.random_init is not a valid BertConfig: {exc}") from exc
     return BertModel(cfg, add_pooling_layer=False)
