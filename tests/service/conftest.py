@@ -99,6 +99,14 @@ def service_env(redis_server: RedisServer, service_dir: Path) -> dict[str, str]:
     }
 
 
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process's whole group (it was started in a session of its own), even if the
+    process itself has already exited, and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
 class WorkerHandle:
     """The worker process; tests may kill it and start another."""
 
@@ -121,9 +129,7 @@ class WorkerHandle:
     def kill(self) -> None:
         """SIGKILL the worker's whole process group (main process and the job's child)."""
         assert self.process is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
+        kill_group(self.process)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -97,6 +97,22 @@ def running_attempt(db: redis.Redis, job_id: str, attempt: int, timeout: float =
     return wait_until(check, f"attempt {attempt} of {job_id} to run", timeout)
 
 
+RESUMED_ONCE = [(1, "queued"), (1, "running"), (2, "queued"), (2, "running"), (2, "succeeded")]
+
+
+def finished_as_attempt_2(
+    client: httpx.Client, job_id: str, total: int, worker: WorkerHandle
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Wait for the job; it must have succeeded as attempt 2 after one restart, with all
+    `total` steps and the state events of exactly one re-queue. Returns (job, events)."""
+    final = wait_for(client, job_id, TERMINAL, timeout=120)
+    assert final["state"] == "succeeded", (final, worker.log_text()[-3000:])
+    assert (final["attempt"], final["restarts"], final["progress"]["step"]) == (2, 1, total)
+    events, _ = read_sse(client, job_id)
+    assert state_events(events) == RESUMED_ONCE
+    return final, events
+
+
 def wait_checkpoint(
     client: httpx.Client, job_id: str, at_least: int, past: int = 0, timeout: float = 90
 ) -> dict[str, Any]:
@@ -232,14 +248,8 @@ def test_training_child_sigkill_resumes_on_the_same_worker(
 
     new_pid = running_attempt(db, job_id, 2, timeout=30)
     assert new_pid != pid and not alive(pid)
-    final = wait_for(client, job_id, TERMINAL, timeout=120)
-    assert final["state"] == "succeeded", (final, worker.log_text()[-3000:])
-    assert (final["attempt"], final["restarts"], final["progress"]["step"]) == (2, 1, total)
+    _, events = finished_as_attempt_2(client, job_id, total, worker)
     assert worker.process.poll() is None  # type: ignore[union-attr]  # the same main process
-
-    events, _ = read_sse(client, job_id)
-    assert state_events(events) == [(1, "queued"), (1, "running"), (2, "queued"),
-                                    (2, "running"), (2, "succeeded")]  # fmt: skip
     requeue = [e for e in events if e.get("event") == "state"][2]["data"]["data"]
     assert requeue["reason"] == (
         "the worker running attempt 1 was lost (its lease expired); re-queued as attempt 2"
@@ -278,15 +288,10 @@ def test_worker_main_sigkill_resumes_and_strands_no_queued_job(
     assert client.get(f"/v1/jobs/{queued_id}").json()["state"] == "queued"
 
     worker.start()
-    final = wait_for(client, running_id, TERMINAL, timeout=120)
-    assert final["state"] == "succeeded", (final, worker.log_text()[-3000:])
-    assert (final["attempt"], final["restarts"], final["progress"]["step"]) == (2, 1, total)
+    _, events = finished_as_attempt_2(client, running_id, total, worker)
     second = wait_for(client, queued_id, TERMINAL, timeout=60)
     assert second["state"] == "succeeded" and second["attempt"] == 1, second
 
-    events, _ = read_sse(client, running_id)
-    assert state_events(events) == [(1, "queued"), (1, "running"), (2, "queued"),
-                                    (2, "running"), (2, "succeeded")]  # fmt: skip
     assert resume_of(events, 2)["from_step"] >= every
     check_one_attempt_at_a_time(events)
     check_each_step_once(client, running_id, events, total, 5, every)
@@ -467,8 +472,7 @@ def test_a_frozen_attempt_is_fenced_off_while_the_next_one_trains(
     final = wait_for(client, job_id, TERMINAL, timeout=120)
     assert final["state"] == "succeeded" and final["attempt"] == 2, final
     events, _ = read_sse(client, job_id)
-    assert state_events(events) == [(1, "queued"), (1, "running"), (2, "queued"),
-                                    (2, "running"), (2, "succeeded")]  # fmt: skip
+    assert state_events(events) == RESUMED_ONCE
     check_one_attempt_at_a_time(events)  # nothing from attempt 1 after attempt 2 was queued
     check_each_step_once(client, job_id, events, total, 5, every)
     assert "stale" in healthy_worker.log_text()  # it noticed and left the job alone
@@ -495,13 +499,8 @@ def test_a_frozen_attempt_on_the_only_worker_is_killed_and_the_job_resumes_there
     assert second != frozen and not alive(frozen)
     log = healthy_worker.log_text()
     assert f"job {job_id} attempt 1: its process {frozen} is stale" in log
-    final = wait_for(client, job_id, TERMINAL, timeout=120)
-    assert final["state"] == "succeeded", final
-    assert (final["attempt"], final["restarts"], final["progress"]["step"]) == (2, 1, total)
+    _, events = finished_as_attempt_2(client, job_id, total, healthy_worker)
     assert token_pid(record(db, job_id)["worker"]) == second
-    events, _ = read_sse(client, job_id)
-    assert state_events(events) == [(1, "queued"), (1, "running"), (2, "queued"),
-                                    (2, "running"), (2, "succeeded")]  # fmt: skip
     check_one_attempt_at_a_time(events)
 
 
@@ -739,13 +738,8 @@ def test_a_hung_attempt_is_given_up_and_the_job_resumes(
         assert 3 <= time.monotonic() - hung_at < 15
     finally:
         _release(pid)
-    final = wait_for(client, job_id, TERMINAL, timeout=120)
-    assert final["state"] == "succeeded", (final, worker.log_text()[-3000:])
-    assert (final["attempt"], final["restarts"], final["progress"]["step"]) == (2, 1, total)
+    _, events = finished_as_attempt_2(client, job_id, total, worker)
     assert not alive(pid)
-    events, _ = read_sse(client, job_id)
-    assert state_events(events) == [(1, "queued"), (1, "running"), (2, "queued"),
-                                    (2, "running"), (2, "succeeded")]  # fmt: skip
     assert resume_of(events, 2)["from_step"] >= every
 
 

@@ -35,6 +35,7 @@ from tests.service.conftest import (
     KEYS,
     PREFIX,
     WorkerHandle,
+    kill_group,
     long_config,
     read_sse,
     submit,
@@ -92,9 +93,7 @@ class ApiProcess:
 
     def kill(self) -> None:
         assert self.process is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
+        kill_group(self.process)
 
     def stop(self) -> None:
         if self.process is not None:
