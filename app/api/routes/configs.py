@@ -13,11 +13,7 @@ from pydantic import BaseModel
 
 from app.api.deps import DatasetStoreDep, OwnerDep, SettingsDep
 from app.api.schemas import JobCreate, error_responses
-from app.api.validation import (
-    check_model_name,
-    check_sources,
-    strict_job_body,
-)
+from app.api.validation import check_model_name, check_sources, strict_job_body
 from mtl.config import TrainConfig
 
 __all__ = ["router"]

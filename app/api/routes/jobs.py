@@ -45,11 +45,7 @@ from app.api.schemas import (
     error_responses,
     example_job,
 )
-from app.api.validation import (
-    check_model_name,
-    check_sources,
-    strict_job_body,
-)
+from app.api.validation import check_model_name, check_sources, strict_job_body
 from app.core.config import Settings
 from app.core.errors import Conflict, Invalid, NotFound, TooManyJobs
 from app.core.events import HubRegistry, follow
