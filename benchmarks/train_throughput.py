@@ -718,17 +718,11 @@ def run_loops(
     # hf and tutorial take a turn every `spread`-th cycle: their steps span the same time.
     spread = max(1, n["mtl"] // n["hf"])
     config = make_config(train_csv, args.model, max_steps=n["mtl"] + 1)
-    participants_config = {
-        "mtl ungrouped": make_config(
-            train_csv, args.model, max_steps=n["mtl"] + 1, length_grouping=False
-        )
-    }
+    ungrouped = make_config(train_csv, args.model, max_steps=n["mtl"] + 1, length_grouping=False)
     participants = {
         "mtl": mtl_variant(config, n["mtl"], record=True),
         "minimal": minimal_variant(config, n["minimal"]),
-        "mtl ungrouped": mtl_variant(
-            participants_config["mtl ungrouped"], n["mtl ungrouped"], record=True
-        ),
+        "mtl ungrouped": mtl_variant(ungrouped, n["mtl ungrouped"], record=True),
         "hf": hf_variant(config, rows, n["hf"]),
         "tutorial": tutorial_variant(config, rows, n["tutorial"]),
     }
@@ -765,7 +759,7 @@ def run_loops(
     hf_widths = extras["hf"].pop("widths")[args.warmup :]
     lengths = token_lengths(rows, args.model)
     with tempfile.TemporaryDirectory(prefix="tp-plan-") as tmp:
-        plan = Trainer(participants_config["mtl ungrouped"], tmp).data.epoch_plan(0)
+        plan = Trainer(ungrouped, tmp).data.epoch_plan(0)
         ungrouped_widths = [int(plan[i].input_ids.shape[1]) for i in range(n["mtl ungrouped"])]
     return {
         "text": text,
