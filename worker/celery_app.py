@@ -13,8 +13,8 @@ import socket
 
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
-from app.core.config import get_settings
-from worker.queue import make_celery
+from service.queue import make_celery
+from service.settings import get_settings
 
 __all__ = ["celery_app"]
 

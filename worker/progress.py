@@ -16,7 +16,6 @@ reaper moved the job on, the attempt stops without writing).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -29,7 +28,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mtl.callbacks import Callback, TrainControl, TrainState
-from worker.store import JobStore, Lease, make_event
+from mtl.summary import summarise
+from service.records import BestScores, Event, EventType, LatestScores
+from service.store import JobStore, Lease
 
 __all__ = ["STOP_CANCELLED", "STOP_STALE", "LeaseKeeper", "RedisProgress", "wait_for_redis"]
 
@@ -37,8 +38,6 @@ log = logging.getLogger(__name__)
 
 STOP_CANCELLED = "cancelled by request"
 STOP_STALE = "stale attempt: the job moved on without this worker"
-
-_SUMMARY_KEYS = ("loss", "accuracy", "macro_f1", "weighted_f1")
 
 T = TypeVar("T")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)  # BusyLoadingError is a ConnectionError
@@ -68,6 +67,12 @@ def wait_for_redis(call: Callable[[], T], what: str, *, max_delay: float = 2.0) 
 
 
 class RedisProgress(Callback):
+    """The job's record and event stream, kept by the training loop's hooks.
+
+    `latest` holds every task's latest numbers per split; `best` the numbers of the evaluation
+    the trainer marked best (its monitor with `min_delta`: the checkpoint that is exported).
+    Both are rebuilt from the metric history when an attempt resumes."""
+
     def __init__(
         self, store: JobStore, lease: Lease, *, lease_ms: int, monitor: str, monitor_mode: str
     ) -> None:
@@ -78,8 +83,8 @@ class RedisProgress(Callback):
         self.mode = monitor_mode
         self.state: TrainState | None = None
         self.stop_reason: str | None = None
-        self.latest: dict[str, dict[str, Any]] = {}
-        self.best: dict[str, dict[str, Any]] = {}
+        self.latest: dict[str, dict[str, LatestScores]] = {}
+        self.best: dict[str, BestScores] = {}
         # when the training thread last showed signs of life (any hook); read by the keeper
         self.last_progress = time.monotonic()
 
@@ -121,13 +126,16 @@ class RedisProgress(Callback):
             self.request_stop(STOP_STALE)
             control.stop(STOP_STALE)
             return
-        removed, pruned, history = resumed
-        for member in history:
-            self._track(json.loads(member))
-        fields: dict[str, Any] = {**self.progress(), "latest": self.latest, "best": self.best}
+        for event in resumed.history:
+            self._track(event)
+        fields: dict[str, Any] = {**self.progress(), **self.scores()}
         if state.step > 0 or self.lease.attempt > 1:
-            data = {"from_step": state.step, "metrics_dropped": removed, "events_dropped": pruned}
-            self._emit("resume", state, data, fields=fields)
+            data = {
+                "from_step": state.step,
+                "metrics_dropped": resumed.metrics_dropped,
+                "events_dropped": resumed.events_dropped,
+            }
+            self._emit(EventType.RESUME, state, data, fields=fields)
         else:
             self._emit(None, state, None, fields=fields)
         self._check(control)
@@ -139,19 +147,21 @@ class RedisProgress(Callback):
             control.stop(self.stop_reason)
 
     def on_log(self, state: TrainState, metrics: dict[str, Any], control: TrainControl) -> None:
-        event = {"epoch": state.epoch, "elapsed": state.elapsed, "eta": state.eta, **metrics}
-        self._track({"type": "log", "step": state.step, "data": event})
-        fields = {**self.progress_of(state), "latest": self.latest}
-        self._emit("log", state, event, metric=True, fields=fields)
+        data = {"epoch": state.epoch, "elapsed": state.elapsed, "eta": state.eta, **metrics}
+        event = Event.make(EventType.LOG, self.lease.attempt, state.step, data)
+        self._track(event)
+        fields = {**self.progress_of(state), "latest": self.scores()["latest"]}
+        self._append(event, metric=True, fields=fields)
         self._check(control)
 
     def on_evaluate(
         self, state: TrainState, metrics: dict[str, Any], control: TrainControl
     ) -> None:
-        event = {"epoch": state.epoch, "elapsed": state.elapsed, **metrics}
-        self._track({"type": "evaluate", "step": state.step, "data": event})
-        fields = {**self.progress_of(state), "latest": self.latest, "best": self.best}
-        self._emit("evaluate", state, event, metric=True, fields=fields)
+        data = {"epoch": state.epoch, "elapsed": state.elapsed, **metrics}
+        event = Event.make(EventType.EVALUATE, self.lease.attempt, state.step, data)
+        self._track(event)
+        fields = {**self.progress_of(state), **self.scores()}
+        self._append(event, metric=True, fields=fields)
         self._check(control)
 
     def on_save(self, state: TrainState, control: TrainControl) -> None:
@@ -159,11 +169,11 @@ class RedisProgress(Callback):
         reaper re-queued the job and another attempt owns the directory). With Redis away the
         write goes ahead: it is atomic, and the attempt's end is fenced anyway."""
         try:
-            ours, _ = self.store.renew(self.lease, self.lease_ms, self.progress_of(state))
+            renewal = self.store.renew(self.lease, self.lease_ms, self.progress_of(state))
         except Exception:
             log.warning("could not check the lease before a save", exc_info=True)
             return
-        if not ours:
+        if not renewal.ours:
             log.warning(
                 "job %s attempt %s is stale; not saving", self.lease.job_id, self.lease.attempt
             )
@@ -172,8 +182,8 @@ class RedisProgress(Callback):
             control.stop(STOP_STALE)
 
     def on_checkpoint(self, state: TrainState, path: Path, control: TrainControl) -> None:
-        event = {"name": Path(path).name, "epoch": state.epoch}
-        self._emit("checkpoint", state, event, fields={"checkpoint_step": state.step})
+        data = {"name": Path(path).name, "epoch": state.epoch}
+        self._emit(EventType.CHECKPOINT, state, data, fields={"checkpoint_step": state.step})
         self._check(control)
 
     # ------------------------------------------------------------------ helpers
@@ -188,63 +198,73 @@ class RedisProgress(Callback):
         if self.stop_reason is not None:
             control.stop(self.stop_reason)
 
+    def scores(self) -> dict[str, Any]:
+        """`latest` and `best` as the record's JSON fields hold them."""
+        return {
+            "latest": {
+                task: {split: v.model_dump(exclude_none=True) for split, v in splits.items()}
+                for task, splits in self.latest.items()
+            },
+            "best": {task: v.model_dump(exclude_none=True) for task, v in self.best.items()},
+        }
+
     def _emit(
         self,
-        type_: str | None,
+        type_: EventType | None,
         state: TrainState,
         data: Any,
         *,
-        metric: bool = False,
         fields: dict[str, Any] | None = None,
     ) -> None:
         if type_ is None:  # fields only
-            ok, cancel = wait_for_redis(
+            renewal = wait_for_redis(
                 lambda: self.store.renew(self.lease, self.lease_ms, fields or {}), "renewing"
             )
-            if cancel:
+            if renewal.cancel:
                 self.request_stop(STOP_CANCELLED)
-        else:
-            event = make_event(type_, self.lease.attempt, state.step, data)
-            appended = wait_for_redis(
-                lambda: self.store.append(
-                    self.lease, type_, state.step, event, metric=metric, fields=fields
-                ),
-                f"writing a {type_} event",
-            )
-            ok = appended is not None
-        if not ok:
+            if not renewal.ours:
+                self.request_stop(STOP_STALE)
+            return
+        self._append(Event.make(type_, self.lease.attempt, state.step, data), fields=fields)
+
+    def _append(
+        self, event: Event, *, metric: bool = False, fields: dict[str, Any] | None = None
+    ) -> None:
+        appended = wait_for_redis(
+            lambda: self.store.append(self.lease, event, metric=metric, fields=fields),
+            f"writing a {event.type} event",
+        )
+        if appended is None:
             self.request_stop(STOP_STALE)
 
-    def _track(self, event: dict[str, Any]) -> None:
-        """Keep the latest metrics per task and split, and the best validation metrics."""
-        data = event.get("data") or {}
-        step = event.get("step")
-        if event.get("type") == "log":
-            for task, values in (data.get("tasks") or {}).items():
-                entry = {k: values[k] for k in ("loss", "accuracy") if k in values}
-                self.latest.setdefault(task, {})["train"] = {"step": step, **entry}
+    def _track(self, event: Event) -> None:
+        """Keep the latest numbers per task and split, and those of the best evaluation."""
+        if event.type is EventType.LOG:
+            for task, scores in summarise(event.data).tasks.items():
+                self.latest.setdefault(task, {})["train"] = LatestScores(
+                    step=event.step, **scores.scores()
+                )
             return
-        if event.get("type") != "evaluate":
+        if event.type is not EventType.EVALUATE:
             return
-        split = data.get("split", "validation")
-        for task, values in (data.get("tasks") or {}).items():
-            summary = {k: values[k] for k in _SUMMARY_KEYS if k in values}
-            self.latest.setdefault(task, {})[split] = {"step": step, **summary}
-            if split != "validation" or self.metric not in values:
-                continue
-            value = values[self.metric]
-            current = self.best.get(task)
-            better = current is None or (
-                value > current["value"] if self.mode == "max" else value < current["value"]
+        split = event.data.get("split", "validation")
+        summary = summarise(event.data)
+        for task, scores in summary.tasks.items():
+            self.latest.setdefault(task, {})[split] = LatestScores(
+                step=event.step, **scores.scores()
             )
-            if better:
-                self.best[task] = {
-                    "metric": self.metric,
-                    "mode": self.mode,
-                    "value": value,
-                    "step": step,
-                    **summary,
-                }
+        monitor = event.data.get("monitor") or {}
+        if split == "validation" and monitor.get("best"):  # the trainer's decision
+            self.best = {
+                task: BestScores(
+                    metric=self.metric,
+                    mode=self.mode,
+                    value=scores.scores().get(self.metric),
+                    step=event.step,
+                    **scores.scores(),
+                )
+                for task, scores in summary.tasks.items()
+            }
 
 
 class LeaseKeeper(threading.Thread):
@@ -287,17 +307,17 @@ class LeaseKeeper(threading.Thread):
             if self.progress.stale:
                 continue  # nothing to renew; still watching until the run stops
             try:
-                ours, cancel = self.store.renew(
+                renewal = self.store.renew(
                     self.progress.lease, self.lease_ms, self.progress.progress()
                 )
             except Exception:  # Redis away: keep trying; the lease may lapse (then: stale)
                 log.warning("lease renewal failed", exc_info=True)
                 continue
-            if not ours:
+            if not renewal.ours:
                 log.warning("job %s attempt %s is stale; stopping", *self._ids())
                 self.progress.request_stop(STOP_STALE)
                 continue
-            if cancel:
+            if renewal.cancel:
                 self.progress.request_stop(STOP_CANCELLED)
 
     def _give_up(self, idle: float) -> None:

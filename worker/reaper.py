@@ -37,38 +37,54 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
-from app.core.config import Settings
-from worker.queue import enqueue
-from worker.store import JobStore
+from service.queue import enqueue
+from service.settings import Settings
+from service.store import JobStore, ReapOutcome
 
-__all__ = ["Maintenance", "end_stale_processes", "find_lost_messages", "reap_once"]
+__all__ = ["Maintenance", "ReapPass", "end_stale_processes", "find_lost_messages", "reap_once"]
 
 log = logging.getLogger(__name__)
 
 
-def reap_once(store: JobStore, publish: Any, *, republish_after_s: float = 30.0) -> dict[str, Any]:
-    """One pass. `publish(job_id, attempt)` sends the message. Returns what it did."""
-    done: dict[str, Any] = {"requeued": [], "failed": [], "cancelled": [], "republished": []}
+@dataclass
+class ReapPass:
+    """What one pass of `reap_once` did."""
+
+    requeued: list[tuple[str, int]] = field(default_factory=list)  # (job, its next attempt)
+    failed: list[str] = field(default_factory=list)  # restart budget spent
+    cancelled: list[str] = field(default_factory=list)  # lost while cancelling
+    republished: list[tuple[str, int]] = field(default_factory=list)  # message never sent
+
+
+def reap_once(
+    store: JobStore, publish: Callable[[str, int], Any], *, republish_after_s: float = 30.0
+) -> ReapPass:
+    """One pass. `publish(job_id, attempt)` sends the message."""
+    done = ReapPass()
     for job_id in store.active_jobs():
-        status, attempt = store.reap(job_id)
-        if status == "requeued" and attempt is not None:
-            log.warning("job %s: lease expired; re-queued as attempt %s", job_id, attempt)
-            publish(job_id, attempt)
-            store.mark_published(job_id, attempt)
-            done["requeued"].append((job_id, attempt))
-        elif status in ("failed", "cancelled"):
-            log.warning("job %s: lease expired; now %s", job_id, status)
-            done[status].append(job_id)
+        reaped = store.reap(job_id)
+        if reaped.outcome is ReapOutcome.REQUEUED and reaped.attempt is not None:
+            log.warning("job %s: lease expired; re-queued as attempt %s", job_id, reaped.attempt)
+            publish(job_id, reaped.attempt)
+            store.mark_published(job_id, reaped.attempt)
+            done.requeued.append((job_id, reaped.attempt))
+        elif reaped.outcome is ReapOutcome.FAILED:
+            log.warning("job %s: lease expired; restart budget spent, failed", job_id)
+            done.failed.append(job_id)
+        elif reaped.outcome is ReapOutcome.CANCELLED:
+            log.warning("job %s: lease expired while cancelling; cancelled", job_id)
+            done.cancelled.append(job_id)
     for job_id, attempt in store.unpublished(republish_after_s):
         log.warning("job %s attempt %s: publishing its message again", job_id, attempt)
         publish(job_id, attempt)
         store.mark_published(job_id, attempt)
-        done["republished"].append((job_id, attempt))
+        done.republished.append((job_id, attempt))
     return done
 
 

@@ -25,11 +25,14 @@ import traceback
 import uuid
 from typing import Any
 
-from app.core.config import Settings
-from worker.datasets import resolver
-from worker.keys import Keys
+from mtl.callbacks import Outcome
+from mtl.summary import summarise
+from service.datasets import resolver
+from service.keys import Keys
+from service.records import FinalScores, JobState
+from service.settings import Settings
+from service.store import BeginOutcome, JobStore, Lease
 from worker.progress import STOP_CANCELLED, LeaseKeeper, RedisProgress, wait_for_redis
-from worker.store import JobStore, Lease
 
 __all__ = ["make_token", "run_attempt", "sync_redis"]
 
@@ -66,10 +69,11 @@ def run_attempt(job_id: str, attempt: int, settings: Settings, client: Any = Non
     store = make_store(settings, client)
     lease = Lease(job_id, int(attempt), make_token())
     lease_ms = int(settings.lease_ttl_s * 1000)
-    status, detail = wait_for_redis(lambda: store.begin(lease, lease_ms), "starting the job")
-    if status != "started":
-        log.info("job %s attempt %s not started: %s %s", job_id, attempt, status, detail)
-        return status
+    begun = wait_for_redis(lambda: store.begin(lease, lease_ms), "starting the job")
+    if begun.outcome is not BeginOutcome.STARTED:
+        log.info("job %s attempt %s not started: %s %s", job_id, attempt, begun.outcome,
+                 begun.detail)  # fmt: skip
+        return str(begun.outcome)
     # tell this worker's parent which attempt this process runs (see worker.reaper)
     host, pid = socket.gethostname(), os.getpid()
     _best_effort(lambda: store.set_process_attempt(host, pid, lease), "recording the attempt")
@@ -147,21 +151,21 @@ def _run_started(store: JobStore, lease: Lease, lease_ms: int, settings: Setting
     fields: dict[str, Any] = {}
     if progress is not None:
         fields.update(progress.progress())
-        fields["latest"] = progress.latest
-        fields["best"] = progress.best
+        fields.update(progress.scores())
     if error is not None:
-        state = "failed"
-    elif result is not None and result.outcome == "completed":
-        state = "succeeded"
+        state = JobState.FAILED
+    elif result is not None and result.outcome is Outcome.COMPLETED:
+        state = JobState.SUCCEEDED
         fields["model"] = "1" if result.model_dir is not None else "0"
-        fields["final_metrics"] = _final_summary(result.metrics)
+        final: FinalScores = {s: summarise(r) for s, r in result.metrics.items() if r}
+        fields["final_metrics"] = {s: v.model_dump(exclude_none=True) for s, v in final.items()}
         if result.state.stop_reason:
             fields["stop_reason"] = result.state.stop_reason
     elif progress is not None and progress.stop_reason == STOP_CANCELLED:
-        state = "cancelled"
+        state = JobState.CANCELLED
         error = "cancelled by request"
     else:
-        state = "failed"
+        state = JobState.FAILED
         error = f"training stopped unexpectedly: {getattr(result, 'outcome', None)}"
     finished = wait_for_redis(
         lambda: store.finish(lease, state, error=error, fields=fields), "finishing the job"
@@ -171,22 +175,3 @@ def _run_started(store: JobStore, lease: Lease, lease_ms: int, settings: Setting
         return "stale"
     log.info("job %s attempt %s: %s%s", job_id, attempt, state, f" ({error})" if error else "")
     return state
-
-
-_TABLES = ("per_class", "confusion_matrix")
-
-
-def _final_summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The final validation/test reports without per-class tables."""
-    out: dict[str, Any] = {}
-    for split, report in (metrics or {}).items():
-        if not report:
-            continue
-        out[split] = {
-            "tasks": {
-                task: {k: v for k, v in values.items() if k not in _TABLES}
-                for task, values in report.get("tasks", {}).items()
-            },
-            "mean": report.get("mean"),
-        }
-    return out

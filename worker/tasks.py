@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from app.core.config import get_settings
+from service.queue import TASK_NAME
+from service.settings import get_settings
 from worker.celery_app import celery_app
-from worker.queue import TASK_NAME
 from worker.runner import run_attempt
 
 __all__ = ["run_job"]

@@ -19,11 +19,14 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import error_response
-from app.core.config import ANONYMOUS, Settings
+from app.api.schemas import JobCreate
+from app.api.validation import check_model_name, check_sources, parse_job_body
 from app.core.errors import NotFound, Unauthorized
 from app.core.predictors import PredictorCache
-from worker.datasets import AsyncDatasetStore
-from worker.store import AsyncJobStore
+from service.async_store import AsyncJobStore
+from service.datasets import AsyncDatasetStore
+from service.records import JobRecord
+from service.settings import ANONYMOUS, Settings
 
 __all__ = [
     "CeleryDep",
@@ -35,6 +38,7 @@ __all__ = [
     "PredictorsDep",
     "RedisDep",
     "SettingsDep",
+    "ValidJobDep",
     "authenticate",
 ]
 
@@ -147,7 +151,7 @@ OwnerDep = Annotated[str, Depends(get_owner)]
 JobIdPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 
 
-async def get_job(job_id: JobIdPath, owner: OwnerDep, jobs: JobStoreDep) -> dict[str, Any]:
+async def get_job(job_id: JobIdPath, owner: OwnerDep, jobs: JobStoreDep) -> JobRecord:
     """The job record; another owner's job is reported exactly like an unknown id."""
     record = await jobs.get(job_id, owner)
     if record is None:
@@ -155,4 +159,18 @@ async def get_job(job_id: JobIdPath, owner: OwnerDep, jobs: JobStoreDep) -> dict
     return record
 
 
-JobDep = Annotated[dict[str, Any], Depends(get_job)]
+JobDep = Annotated[JobRecord, Depends(get_job)]
+
+
+async def valid_job(
+    request: Request, owner: OwnerDep, datasets: DatasetStoreDep, settings: SettingsDep
+) -> JobCreate:
+    """The job in the request body, validated once: parsed strictly into the config type,
+    its model name allowed, the datasets it names owned and their contents fit for it."""
+    job = parse_job_body(await request.body(), request.headers.get("content-type"))
+    check_model_name(job, settings)
+    await check_sources(job, owner, datasets, settings)
+    return job
+
+
+ValidJobDep = Annotated[JobCreate, Depends(valid_job)]

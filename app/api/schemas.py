@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtl.config import TrainConfig
+from service.records import BestScores, FinalScores, JobState, LatestScores
 
 __all__ = [
     "MAX_OFFSET",
@@ -21,7 +22,6 @@ __all__ = [
     "JobCreate",
     "JobList",
     "JobOut",
-    "JobState",
     "MetricsOut",
     "PredictIn",
     "PredictOut",
@@ -34,8 +34,6 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 #: the largest `offset` of a list page (Redis range indices are signed 64-bit; no list is
 #: anywhere near this long)
 MAX_OFFSET = 1_000_000_000
-
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
 
 
 class ErrorOut(BaseModel):
@@ -135,13 +133,17 @@ class JobOut(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     progress: Progress
-    latest_metrics: dict[str, Any] = Field(
+    latest_metrics: dict[str, dict[str, LatestScores]] = Field(
         default_factory=dict, description="task -> split -> latest values"
     )
-    best_metrics: dict[str, Any] = Field(
-        default_factory=dict, description="task -> best validation values (by the monitor metric)"
+    best_metrics: dict[str, BestScores] = Field(
+        default_factory=dict,
+        description="task -> its values at the best validation (by the monitor metric): the "
+        "evaluation whose checkpoint is exported",
     )
-    final_metrics: dict[str, Any] | None = None
+    final_metrics: FinalScores | None = Field(
+        None, description="the exported model's validation and test scores"
+    )
     checkpoint_step: int | None = None
     cancel_requested: bool = False
     error: str | None = None

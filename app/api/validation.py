@@ -1,23 +1,37 @@
-"""Checks a job config must pass before it is queued (shared by submit and validate)."""
+"""A job body, validated once: parsed strictly into the config type, then the checks it must
+pass before it is queued (its model name, the datasets it names and their contents).
+
+`valid_job` is the one dependency `POST /v1/jobs` and `POST /v1/configs/validate` share
+(`app.api.deps.ValidJobDep`); the routes declare no body parameter, so FastAPI parses nothing
+itself (the OpenAPI schema of the body is declared by `job_body_openapi`).
+"""
 
 from __future__ import annotations
 
+import email.message
 import json
 from pathlib import Path
 from typing import Any
 
 import anyio
+from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from app.api.schemas import JobCreate
-from app.core.config import Settings
 from app.core.errors import Invalid
 from mtl.config import FileData, TrainConfig
 from mtl.errors import DataError
-from worker.datasets import AsyncDatasetStore, parse_source, resolver
+from service.datasets import AsyncDatasetStore, parse_source, resolver
+from service.settings import Settings
 
-__all__ = ["check_model_name", "check_sources", "strict_job_body"]
+__all__ = [
+    "check_model_name",
+    "check_sources",
+    "job_body_openapi",
+    "parse_job_body",
+    "strict_job_body",
+]
 
 
 def _integral(value: Any) -> Any:
@@ -31,17 +45,61 @@ def _integral(value: Any) -> Any:
     return value
 
 
-def strict_job_body(raw: bytes) -> JobCreate:
-    """The job body (already accepted by FastAPI's lax validation) validated again without
-    type coercion: `"epochs": "3"`, `true` or `false` for a number, a number for a string are
-    422s, as the published schema says, instead of being converted. Errors have FastAPI's
-    shape (`detail[].loc` starts with "body")."""
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
+def parse_job_body(raw: bytes, content_type: str | None) -> JobCreate:
+    """The request body as a job, answered as FastAPI answers a body it parses itself: no body
+    or not JSON is a 422 at `body`, malformed JSON a 422 `json_invalid`, bytes that are not
+    text a 400."""
+    if not raw:
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
+        )
+    if not _is_json(content_type):
+        raise RequestValidationError(
+            [{"type": "model_attributes_type", "loc": ("body",),
+              "msg": "the body must be JSON (Content-Type: application/json)", "input": None}]
+        )  # fmt: skip
     try:
-        data = _integral(json.loads(raw))
-        return JobCreate.model_validate_json(json.dumps(data), strict=True)
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+              "input": {}, "ctx": {"error": exc.msg}}]
+        ) from None  # fmt: skip
+    except ValueError:  # not UTF-8/16/32
+        raise HTTPException(400, "There was an error parsing the body") from None
+    return strict_job_body(data)
+
+
+def strict_job_body(data: Any) -> JobCreate:
+    """The parsed body validated without type coercion: `"epochs": "3"`, `true` or `false` for
+    a number, a number for a string are 422s, as the published schema says, instead of being
+    converted (a number without a fractional part counts as an integer, as in JSON Schema).
+    Errors have FastAPI's shape (`detail[].loc` starts with "body")."""
+    try:
+        return JobCreate.model_validate_json(json.dumps(_integral(data)), strict=True)
     except ValidationError as exc:
         errors = [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
         raise RequestValidationError(errors) from None
+
+
+def job_body_openapi(examples: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `requestBody` of a route that takes a job (for `openapi_extra`); the app adds the
+    `JobCreate` schema to the components (`app.api.openapi`)."""
+    content: dict[str, Any] = {"schema": {"$ref": "#/components/schemas/JobCreate"}}
+    if examples:
+        content["examples"] = examples
+    return {"requestBody": {"required": True, "content": {"application/json": content}}}
 
 
 def _source_fields(config: TrainConfig) -> list[tuple[list[str | int], str]]:

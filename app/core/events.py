@@ -10,7 +10,7 @@ from Redis first (non-blocking), then joins the hub. Entries are delivered in id
 subscriber only ever takes entries with ids greater than its cursor.
 
 When a resumed attempt prunes what older attempts reported after its checkpoint (see
-`worker.store`), the hub drops the same entries from its buffer, so a late subscriber sees the
+`service.store`), the hub drops the same entries from its buffer, so a late subscriber sees the
 same history as one reading Redis.
 """
 
@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
-from worker.store import TERMINAL_STATES, AsyncJobStore
+from service.async_store import AsyncJobStore
+from service.records import TERMINAL_STATES, Event
 
 __all__ = ["HubRegistry", "JobHub", "parse_id"]
 
@@ -40,7 +40,7 @@ def parse_id(entry_id: str) -> tuple[int, int]:
 def is_terminal(fields: dict[str, str]) -> bool:
     if fields.get("t") != "state":
         return False
-    return json.loads(fields["e"])["data"].get("state") in TERMINAL_STATES
+    return Event.model_validate_json(fields["e"]).data.get("state") in TERMINAL_STATES
 
 
 class JobHub:
@@ -109,9 +109,9 @@ class JobHub:
             del self.entries[:overflow]
 
     def _prune(self, resume: dict[str, str]) -> None:
-        """Mirror `worker.store._RESUME`: drop older attempts' entries past the checkpoint."""
+        """Mirror `service.store._RESUME`: drop older attempts' entries past the checkpoint."""
         attempt = int(resume["a"])
-        step = json.loads(resume["e"])["data"]["from_step"]
+        step = Event.model_validate_json(resume["e"]).data["from_step"]
         keep = [
             i
             for i, (_, f) in enumerate(self.entries)

@@ -13,9 +13,11 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.records import JobState
+
 __all__ = ["ServiceMetrics"]
 
-STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+STATES = tuple(JobState)
 
 
 class ServiceMetrics:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.serve import REPO_ROOT, RedisServer, free_port, start_worker, stop_process
+from service.embedded import REPO_ROOT, RedisServer, free_port, start_worker, stop_process
 
 KEYS = {"alice": "alice-key-0001", "bob": "bob-key-000002"}
 PREFIX = "mtltest"
@@ -143,7 +143,7 @@ class WorkerHandle:
 def wait_ready_for(env: dict[str, str], process: subprocess.Popen[bytes]) -> None:
     import redis
 
-    from worker.keys import Keys
+    from service.keys import Keys
 
     client = redis.Redis.from_url(env["MTL_REDIS_URL"], decode_responses=True)
     deadline = time.monotonic() + 90

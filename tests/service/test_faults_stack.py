@@ -29,7 +29,7 @@ import httpx
 import pytest
 import redis
 
-from app.serve import REPO_ROOT, RedisServer, free_port, stop_process, worker_command
+from service.embedded import REPO_ROOT, RedisServer, free_port, stop_process, worker_command
 from tests.service.conftest import (
     DUMMY,
     KEYS,

@@ -31,11 +31,11 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from app.core.config import Settings
 from app.main import create_app
-from app.serve import RedisServer
+from service.embedded import RedisServer
+from service.keys import Keys
+from service.settings import Settings
 from tests.service.conftest import DUMMY, KEYS, auth
-from worker.keys import Keys
 
 # ------------------------------------------------------------------------ in-process API
 

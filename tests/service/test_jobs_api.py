@@ -89,7 +89,7 @@ def test_cancel_finished_job_is_409_and_delete(
     assert client.delete(f"/v1/jobs/{job['id']}").status_code == 404
     import redis
 
-    from worker.keys import Keys
+    from service.keys import Keys
 
     r2 = redis.Redis.from_url(service_env["MTL_REDIS_URL"])
     keys = Keys(service_env["MTL_KEY_PREFIX"])

@@ -21,11 +21,11 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from app.core.config import Settings
-from app.serve import REPO_ROOT, RedisServer
+from service.embedded import REPO_ROOT, RedisServer
+from service.keys import Keys
+from service.settings import Settings
 from tests.service.conftest import DUMMY, KEYS, WorkerHandle, auth, submit, wait_for
 from tests.service.test_hostile import local_api
-from worker.keys import Keys
 
 # ------------------------------------------------------------------------ no pickle
 
@@ -69,7 +69,7 @@ def test_the_worker_refuses_a_pickled_message(
 ) -> None:
     """A pickle message put straight on the worker's queue (what someone who reaches Redis
     could do) is refused unread: the worker logs the refusal and the payload never runs."""
-    from worker.queue import TASK_NAME, make_celery
+    from service.queue import TASK_NAME, make_celery
 
     marker = tmp_path / "unpickled"
     producer = make_celery(
@@ -462,7 +462,7 @@ def test_the_job_limit_is_atomic(redis_server: RedisServer) -> None:
     exactly 5 jobs."""
     import redis.asyncio as aioredis
 
-    from worker.store import AsyncJobStore
+    from service.async_store import AsyncJobStore
 
     keys = Keys("atomic" + str(os.getpid()))
 
@@ -478,7 +478,7 @@ def test_the_job_limit_is_atomic(redis_server: RedisServer) -> None:
                     for _ in range(50)
                 )
             )
-            return [outcome for outcome, *_ in results]
+            return [created.outcome for created in results]
         finally:
             await client.aclose()
 

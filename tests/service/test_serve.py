@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from app.serve import REPO_ROOT, free_port, stop_process
+from service.embedded import REPO_ROOT, free_port, stop_process
 from tests.service.conftest import read_sse
 
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from app.core.config import Settings
-from app.serve import REPO_ROOT
-from worker.queue import make_celery
+from service.embedded import REPO_ROOT
+from service.queue import make_celery
+from service.settings import Settings
 
 
 def test_celery_is_json_only_early_ack_one_job_per_child() -> None:
@@ -38,7 +38,7 @@ def test_api_keys_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_api_process_does_not_import_torch() -> None:
     code = (
-        "import sys, app.main, app.api.routes.jobs, worker.store, worker.queue; "
+        "import sys, app.main, app.api.routes.jobs, service.store, service.queue; "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
         "assert not bad, bad"
     )

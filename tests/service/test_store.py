@@ -21,12 +21,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from app.serve import RedisServer
+from service.async_store import AsyncJobStore, Cancelled, CancelOutcome, CreateOutcome
+from service.embedded import RedisServer
+from service.keys import Keys
+from service.records import Event, JobState
+from service.store import BeginOutcome, Begun, JobStore, Lease, Renewal
 from tests.service.conftest import long_config
-from worker.keys import Keys
 from worker.progress import STOP_CANCELLED, STOP_STALE, LeaseKeeper, RedisProgress
 from worker.reaper import find_lost_messages, reap_once
-from worker.store import AsyncJobStore, JobStore, Lease, make_event
 
 PREFIX = "unit"
 
@@ -58,16 +60,17 @@ def run(coro_fn: Any, url: str) -> Any:
 
 def create(url: str, max_attempts: int = 4, **kw: Any) -> tuple[str, str]:
     async def go(s: AsyncJobStore) -> tuple[str, str]:
-        status, job_id, record, _position = await s.create(
+        created = await s.create(
             owner=kw.pop("owner", "alice"),
             name=None,
             config_json="{}",
             max_attempts=max_attempts,
             **kw,
         )
-        if status != "conflict":
-            assert record is not None and record["id"] == job_id
-        return status, job_id
+        assert created.job_id is not None
+        if created.outcome is not CreateOutcome.CONFLICT:
+            assert created.record is not None and created.record.id == created.job_id
+        return created.outcome, created.job_id
 
     return run(go, url)
 
@@ -93,12 +96,12 @@ def test_idempotent_create(redis_server: RedisServer, sync_client: redis.Redis) 
 
 def test_begin_is_fenced_and_exclusive(redis_server: RedisServer, store: JobStore) -> None:
     _, job_id = create(redis_server.url)
-    assert store.begin(Lease(job_id, 2, "w1"), 5000)[0] == "stale"
-    assert store.begin(Lease(job_id, 1, "w1"), 5000) == ("started", "")
-    assert store.begin(Lease(job_id, 1, "w2"), 5000) == ("not-queued", "running")
-    assert store.begin(Lease("job_missing", 1, "w2"), 5000)[0] == "gone"
+    assert store.begin(Lease(job_id, 2, "w1"), 5000).outcome is BeginOutcome.STALE
+    assert store.begin(Lease(job_id, 1, "w1"), 5000) == Begun(BeginOutcome.STARTED)
+    assert store.begin(Lease(job_id, 1, "w2"), 5000) == Begun(BeginOutcome.NOT_QUEUED, "running")
+    assert store.begin(Lease("job_missing", 1, "w2"), 5000).outcome is BeginOutcome.GONE
     record = store.get(job_id)
-    assert record is not None and record["state"] == "running" and record["started_at"]
+    assert record is not None and record.state is JobState.RUNNING and record.started_at
 
 
 def test_lease_expiry_requeues_then_budget_fails(
@@ -107,29 +110,29 @@ def test_lease_expiry_requeues_then_budget_fails(
     _, job_id = create(redis_server.url, max_attempts=2)
     published: list[tuple[str, int]] = []
     first = Lease(job_id, 1, "w1")
-    assert store.begin(first, 100)[0] == "started"
-    assert reap_once(store, lambda j, a: published.append((j, a)))["requeued"] == []  # alive
+    assert store.begin(first, 100).outcome is BeginOutcome.STARTED
+    assert reap_once(store, lambda j, a: published.append((j, a))).requeued == []  # alive
     time.sleep(0.15)
-    assert reap_once(store, lambda j, a: published.append((j, a)))["requeued"] == [(job_id, 2)]
+    assert reap_once(store, lambda j, a: published.append((j, a))).requeued == [(job_id, 2)]
     assert published == [(job_id, 2)]
     record = store.get(job_id)
     assert record is not None
-    assert (record["state"], record["attempt"], record["restarts"]) == ("queued", 2, 1)
-    assert record["published"] == 2
+    assert (record.state, record.attempt, record.restarts) == ("queued", 2, 1)
+    assert record.published == 2
 
     # the old attempt is fenced off everywhere
-    assert store.renew(first, 1000, {"step": 9}) == (False, False)
-    assert store.append(first, "log", 9, make_event("log", 1, 9, {})) is None
-    assert store.finish(first, "succeeded") is False
-    assert store.begin(first, 1000)[0] == "stale"
+    assert store.renew(first, 1000, {"step": 9}) == Renewal(ours=False, cancel=False)
+    assert store.append(first, Event.make("log", 1, 9, {})) is None
+    assert store.finish(first, JobState.SUCCEEDED) is False
+    assert store.begin(first, 1000).outcome is BeginOutcome.STALE
 
     second = Lease(job_id, 2, "w2")
-    assert store.begin(second, 100)[0] == "started"
+    assert store.begin(second, 100).outcome is BeginOutcome.STARTED
     time.sleep(0.15)
-    assert reap_once(store, lambda j, a: published.append((j, a)))["failed"] == [job_id]
+    assert reap_once(store, lambda j, a: published.append((j, a))).failed == [job_id]
     record = store.get(job_id)
-    assert record is not None and record["state"] == "failed"
-    assert "restart budget of 1 restarts is spent" in record["error"]
+    assert record is not None and record.state is JobState.FAILED
+    assert record.error and "restart budget of 1 restarts is spent" in record.error
     assert states(sync_client, job_id) == [
         (1, "queued"),
         (1, "running"),
@@ -144,21 +147,26 @@ def test_cancel_paths(redis_server: RedisServer, store: JobStore) -> None:
     url = redis_server.url
     _, queued = create(url)
     _, running = create(url)
-    assert run(lambda s: s.cancel(queued), url) == ("cancelled", "queued")
+    assert run(lambda s: s.cancel(queued), url) == Cancelled(CancelOutcome.CANCELLED, "queued")
     lease = Lease(running, 1, "w")
-    assert store.begin(Lease(queued, 1, "w"), 1000)[0] == "not-queued"  # never starts
-    assert store.begin(lease, 1000)[0] == "started"
-    assert store.renew(lease, 1000, {}) == (True, False)
-    assert run(lambda s: s.cancel(running), url) == ("cancelling", "running")
-    assert run(lambda s: s.cancel(running), url) == ("cancelling", "cancelling")
-    assert store.renew(lease, 1000, {}) == (True, True)
-    assert store.finish(lease, "cancelled", error="cancelled by request")
-    assert run(lambda s: s.cancel(running), url) == ("cancelled", "cancelled")
+    never = store.begin(Lease(queued, 1, "w"), 1000)
+    assert never.outcome is BeginOutcome.NOT_QUEUED  # never starts
+    assert store.begin(lease, 1000).outcome is BeginOutcome.STARTED
+    assert store.renew(lease, 1000, {}) == Renewal(ours=True, cancel=False)
+    cancelling = Cancelled(CancelOutcome.CANCELLING, JobState.RUNNING)
+    assert run(lambda s: s.cancel(running), url) == cancelling
+    cancelling = Cancelled(CancelOutcome.CANCELLING, JobState.CANCELLING)
+    assert run(lambda s: s.cancel(running), url) == cancelling
+    assert store.renew(lease, 1000, {}) == Renewal(ours=True, cancel=True)
+    assert store.finish(lease, JobState.CANCELLED, error="cancelled by request")
+    cancelled = Cancelled(CancelOutcome.CANCELLED, JobState.CANCELLED)
+    assert run(lambda s: s.cancel(running), url) == cancelled
     _, done = create(url)
     lease = Lease(done, 1, "w")
     store.begin(lease, 1000)
-    store.finish(lease, "succeeded")
-    assert run(lambda s: s.cancel(done), url) == ("finished", "succeeded")
+    store.finish(lease, JobState.SUCCEEDED)
+    finished = Cancelled(CancelOutcome.FINISHED, JobState.SUCCEEDED)
+    assert run(lambda s: s.cancel(done), url) == finished
 
     # lost while cancelling: cancelled, not re-queued
     _, lost = create(url)
@@ -166,7 +174,7 @@ def test_cancel_paths(redis_server: RedisServer, store: JobStore) -> None:
     store.begin(lease, 50)
     run(lambda s: s.cancel(lost), url)
     time.sleep(0.1)
-    assert reap_once(store, lambda j, a: None)["cancelled"] == [lost]
+    assert reap_once(store, lambda j, a: None).cancelled == [lost]
 
 
 def test_resume_drops_what_older_attempts_reported_after_the_checkpoint(
@@ -176,19 +184,18 @@ def test_resume_drops_what_older_attempts_reported_after_the_checkpoint(
     first = Lease(job_id, 1, "w1")
     store.begin(first, 50)
     for step in (5, 10, 15, 20, 25):
-        store.append(first, "log", step, make_event("log", 1, step, {"tasks": {}}), metric=True)
-    store.append(first, "checkpoint", 10, make_event("checkpoint", 1, 10, {}))
+        store.append(first, Event.make("log", 1, step, {"tasks": {}}), metric=True)
+    store.append(first, Event.make("checkpoint", 1, 10, {}))
     time.sleep(0.1)
     reap_once(store, lambda j, a: None)
     second = Lease(job_id, 2, "w2")
-    assert store.begin(second, 1000)[0] == "started"
+    assert store.begin(second, 1000).outcome is BeginOutcome.STARTED
     result = store.resume(second, 10)
     assert result is not None
-    removed, pruned, history = result
-    assert (removed, pruned) == (3, 3)
-    assert [json.loads(m)["step"] for m in history] == [5, 10]
+    assert (result.metrics_dropped, result.events_dropped) == (3, 3)
+    assert [event.step for event in result.history] == [5, 10]
     for step in (15, 20):
-        store.append(second, "log", step, make_event("log", 2, step, {"tasks": {}}), metric=True)
+        store.append(second, Event.make("log", 2, step, {"tasks": {}}), metric=True)
     entries = sync_client.xrange(Keys(PREFIX).events(job_id))
     logs = [(int(f["a"]), int(f["s"])) for _, f in entries if f["t"] == "log"]
     assert logs == [(1, 5), (1, 10), (2, 15), (2, 20)]
@@ -214,17 +221,27 @@ def test_progress_callback_and_lease_keeper(
         cb.on_step_end(state, control)
     tasks = {"a": {"loss": 1.0, "accuracy": 0.5, "macro_f1": 0.4, "per_class": {}}}
     cb.on_log(state, {"tasks": {"a": {"loss": 1.0, "accuracy": 0.5}}}, control)
-    cb.on_evaluate(state, {"split": "validation", "tasks": tasks, "mean": {}}, control)
-    tasks2 = {"a": {"loss": 0.9, "accuracy": 0.4, "macro_f1": 0.3}}
+    best = {"name": "mean/macro_f1", "value": 0.4, "best": True}
+    report = {"split": "validation", "tasks": tasks, "mean": {}, "monitor": best}
+    cb.on_evaluate(state, report, control)
+    # Better for the task, but the trainer did not call it best (e.g. within its min_delta):
+    # the record follows the trainer, whose best checkpoint is the one exported.
+    tasks2 = {"a": {"loss": 0.9, "accuracy": 0.4, "macro_f1": 0.405}}
     state.step = 20
-    cb.on_evaluate(state, {"split": "validation", "tasks": tasks2, "mean": {}}, control)
-    time.sleep(0.2)
-    record = store.get(job_id)
-    assert record is not None
-    assert record["step"] == 20 and record["total_steps"] == 100
-    assert record["latest"]["a"]["validation"]["macro_f1"] == 0.3
-    assert record["best"]["a"]["value"] == 0.4 and record["best"]["a"]["step"] == 10
-    assert "per_class" not in record["best"]["a"]
+    not_best = {"name": "mean/macro_f1", "value": 0.405, "best": False}
+    report = {"split": "validation", "tasks": tasks2, "mean": {}, "monitor": not_best}
+    cb.on_evaluate(state, report, control)
+    deadline = time.monotonic() + 5
+    while (record := store.get(job_id)) is None or record.step != 20:
+        assert time.monotonic() < deadline, record
+        time.sleep(0.02)
+    assert record.step == 20 and record.total_steps == 100
+    assert record.latest["a"]["validation"].macro_f1 == 0.405
+    assert record.latest["a"]["train"].accuracy == 0.5
+    best_a = record.best["a"]
+    assert (best_a.metric, best_a.value, best_a.step, best_a.loss) == ("macro_f1", 0.4, 10, 1.0)
+    raw_best = json.loads(sync_client.hget(Keys(PREFIX).job(job_id), "best") or "{}")
+    assert "per_class" not in raw_best["a"]
 
     run(lambda s: s.cancel(job_id), redis_server.url)
     deadline = time.monotonic() + 2
@@ -288,7 +305,7 @@ def test_the_keeper_gives_up_a_hung_attempt(
 
     _, job_id = create(redis_server.url)
     lease = Lease(job_id, 1, "w1")
-    assert store.begin(lease, 60_000)[0] == "started"
+    assert store.begin(lease, 60_000).outcome is BeginOutcome.STARTED
     cb = RedisProgress(store, lease, lease_ms=60_000, monitor="mean/macro_f1", monitor_mode="max")
     stalls: list[float] = []
     keeper = LeaseKeeper(store, cb, lease_ms=60_000, interval=0.05, stall_timeout=0.5,
@@ -313,7 +330,7 @@ def test_the_keeper_gives_up_a_hung_attempt(
     time.sleep(0.01)
     assert cb.stale
     published: list[tuple[str, int]] = []
-    assert reap_once(store, lambda j, a: published.append((j, a)))["requeued"] == [(job_id, 2)]
+    assert reap_once(store, lambda j, a: published.append((j, a))).requeued == [(job_id, 2)]
 
 
 def test_unconfirmed_messages_are_published_again(
@@ -322,14 +339,14 @@ def test_unconfirmed_messages_are_published_again(
     _, job_id = create(redis_server.url)  # written, never marked published (a crash)
     sent: list[tuple[str, int]] = []
     assert (
-        reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60)["republished"]
+        reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60).republished
         == []
     )  # too young: the API may still be publishing it
     sync_client.hset(Keys(PREFIX).job(job_id), "queued_at", time.time() - 120)
     done = reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60)
-    assert done["republished"] == sent == [(job_id, 1)]
+    assert done.republished == sent == [(job_id, 1)]
     assert (
-        reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60)["republished"]
+        reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60).republished
         == []
     )  # marked published now
 
@@ -340,8 +357,8 @@ def test_a_lost_message_is_published_again(
     """A queued, published attempt whose message is nowhere in the broker (a worker took it
     and died before `begin`) is published again once it has been missing for the grace
     period; a message waiting in the queue or taken and unacknowledged is not lost."""
-    from app.core.config import Settings
-    from worker.queue import enqueue, make_celery, message_attempt
+    from service.queue import enqueue, make_celery, message_attempt
+    from service.settings import Settings
 
     settings = Settings(redis_url=redis_server.url, key_prefix=PREFIX, queue_name="lost-test")
     celery = make_celery(settings)
@@ -363,7 +380,7 @@ def test_a_lost_message_is_published_again(
         for j in (job_id, running):
             publish(j, 1)
             store.mark_published(j, 1)
-        assert store.begin(Lease(running, 1, "w1"), 60_000)[0] == "started"
+        assert store.begin(Lease(running, 1, "w1"), 60_000).outcome is BeginOutcome.STARTED
         raw = sync_client.lrange(queue_key, 0, -1)
         assert sorted(message_attempt(m) for m in raw) == sorted([(job_id, 1), (running, 1)])
 
@@ -400,7 +417,7 @@ def test_a_lost_message_is_published_again(
 
 
 def test_message_attempt_reads_only_our_messages() -> None:
-    from worker.queue import message_attempt
+    from service.queue import message_attempt
 
     assert message_attempt("not json") is None
     assert message_attempt(json.dumps({"headers": {"task": "other"}, "body": ""})) is None
@@ -433,7 +450,7 @@ def test_stale_training_processes_are_killed_after_the_grace(
         jobs = {p.pid: create(redis_server.url)[1] for p in procs}
         for p in procs:
             lease = Lease(jobs[p.pid], 1, f"{host}:{p.pid}:x")
-            assert store.begin(lease, 60_000)[0] == "started"
+            assert store.begin(lease, 60_000).outcome is BeginOutcome.STARTED
             store.set_process_attempt(host, p.pid, lease)
         gone = subprocess.Popen([sys.executable, "-c", "pass"])  # killed hard, say
         gone.wait()

@@ -8,13 +8,12 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel
 
-from app.api.deps import DatasetStoreDep, OwnerDep, SettingsDep
-from app.api.schemas import JobCreate, error_responses
-from app.api.validation import check_model_name, check_sources, strict_job_body
-from mtl.config import TrainConfig
+from app.api.deps import OwnerDep, ValidJobDep
+from app.api.schemas import error_responses
+from app.api.validation import job_body_openapi
 
 __all__ = ["router"]
 
@@ -53,20 +52,12 @@ async def examples(owner: OwnerDep) -> list[Example]:
     "/validate",
     response_model=Validated,
     summary="Check a job config (and the datasets it names) without queueing it",
+    openapi_extra=job_body_openapi(),
     responses={
         **error_responses(400, 413),
         422: {"description": "`detail[].loc` names the field"},
     },
 )
-async def validate(
-    request: Request,
-    body: JobCreate,
-    owner: OwnerDep,
-    datasets: DatasetStoreDep,
-    settings: SettingsDep,
-) -> Validated:
-    body = strict_job_body(await request.body())
-    config = TrainConfig.model_validate(body.model_dump(exclude={"name"}))
-    check_model_name(config, settings)
-    await check_sources(config, owner, datasets, settings)
-    return Validated(tasks=config.task_names, config=config.model_dump(mode="json"))
+async def validate(job: ValidJobDep) -> Validated:
+    """The same checks as `POST /v1/jobs` (one dependency), without queueing."""
+    return Validated(tasks=job.task_names, config=job.model_dump(mode="json", exclude={"name"}))

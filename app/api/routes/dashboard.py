@@ -8,9 +8,8 @@ from importlib import resources
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
-from app.api.deps import JobStoreDep, RedisDep, SettingsDep
+from app.api.deps import JobStoreDep
 from app.core.metrics import STATES
-from worker.keys import Keys
 
 __all__ = ["router"]
 
@@ -24,10 +23,8 @@ async def dashboard() -> HTMLResponse:
 
 
 @router.get("/metrics")
-async def metrics(
-    request: Request, jobs: JobStoreDep, redis: RedisDep, settings: SettingsDep
-) -> Response:
+async def metrics(request: Request, jobs: JobStoreDep) -> Response:
     counts = await jobs.count_by_state(STATES)
-    queue_length = await redis.zcard(Keys(settings.key_prefix).queued)
+    queue_length = await jobs.queue_length()
     body = request.app.state.metrics.render(counts, queue_length)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

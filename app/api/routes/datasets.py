@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import shutil
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Annotated, Literal
 
@@ -14,10 +11,10 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile,
 
 from app.api.deps import DatasetStoreDep, OwnerDep, SettingsDep
 from app.api.schemas import MAX_OFFSET, DatasetList, DatasetOut, ErrorOut, error_responses
-from app.core.config import Settings
 from app.core.errors import Invalid, NotFound, TooLarge
 from mtl.errors import DataError
-from worker.datasets import SOURCE_PREFIX, dataset_dir, new_dataset_id
+from service.datasets import SOURCE_PREFIX, dataset_dir, new_dataset_id
+from service.settings import Settings
 
 __all__ = ["router"]
 
@@ -40,72 +37,21 @@ def _store_upload(source: IO[bytes], target: Path, cap: int) -> int:
     return size
 
 
-def _check_shape(path: Path, fmt: str, source: str, max_columns: int, max_chars: int) -> None:
-    """Stream the file once, a row at a time, before it is read whole: a row with more than
-    `max_columns` columns (or JSON keys) or a value longer than `max_chars` is a `DataError`
-    naming the row. Inspecting a file of a million columns would otherwise take many times
-    its size in memory. Anything else that is wrong is left to `read_records`, which names it.
-    """
-
-    def check(row: int, values: Mapping[str, object] | Sequence[object]) -> None:
-        if len(values) > max_columns:
-            what = "columns" if fmt == "csv" else "keys"
-            raise DataError(
-                f"{len(values)} {what}; at most {max_columns} are accepted",
-                file=source,
-                row=row or None,
-            )
-        items = values.items() if isinstance(values, Mapping) else enumerate(values)
-        for column, value in items:
-            if isinstance(value, str) and len(value) > max_chars:
-                raise DataError(
-                    f"a value of {len(value)} characters; at most {max_chars} are accepted",
-                    file=source,
-                    row=row or None,
-                    column=str(column) if isinstance(column, str) else header_name(column),
-                )
-
-    header: list[str] = []
-
-    def header_name(index: int) -> str | None:
-        return header[index] if index < len(header) else None
-
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        if fmt == "csv":
-            if csv.field_size_limit() < max_chars + 1:
-                csv.field_size_limit(max_chars + 1)
-            try:
-                for row, fields in enumerate(csv.reader(f)):  # row 0: the header
-                    check(row, fields)
-                    if row == 0:
-                        header = [h.strip() for h in fields]
-            except csv.Error as exc:
-                if "field larger than field limit" in str(exc):
-                    raise DataError(
-                        f"a value longer than {max_chars} characters; at most {max_chars} "
-                        "are accepted",
-                        file=source,
-                    ) from None
-                return  # malformed: read_records names the row
-        else:
-            row = 0
-            for line in f:
-                if not line.strip():
-                    continue
-                row += 1
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    return  # read_records names the row
-                if isinstance(obj, dict):
-                    check(row, obj)
-
-
 def _inspect(path: Path, fmt: str, source: str, settings: Settings) -> dict[str, object]:
+    """Read the stored upload once and summarise it. The caps are checked row by row while it
+    is parsed (before a row becomes a record): a row with more than `max_dataset_columns`
+    columns (or JSON keys) or a value longer than `max_field_chars` is a `DataError` naming the
+    row and column; inspecting a file of a million columns would otherwise take many times its
+    size in memory."""
     from mtl.datafiles import inspect_records, read_records
 
-    _check_shape(path, fmt, source, settings.max_dataset_columns, settings.max_field_chars)
-    records = read_records(path, format=fmt, name=source)  # type: ignore[arg-type]
+    records = read_records(
+        path,
+        format=fmt,  # type: ignore[arg-type]
+        name=source,
+        max_columns=settings.max_dataset_columns,
+        max_field_chars=settings.max_field_chars,
+    )
     info = inspect_records(records, source).to_dict()
     info.pop("source", None)
     return info

@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.api.deps import (
     CeleryDep,
-    DatasetStoreDep,
     JobDep,
     JobStoreDep,
     OwnerDep,
     PredictorsDep,
     SettingsDep,
+    ValidJobDep,
 )
 from app.api.schemas import (
     MAX_OFFSET,
@@ -36,7 +36,6 @@ from app.api.schemas import (
     JobCreate,
     JobList,
     JobOut,
-    JobState,
     Links,
     MetricsOut,
     PredictIn,
@@ -45,13 +44,14 @@ from app.api.schemas import (
     error_responses,
     example_job,
 )
-from app.api.validation import check_model_name, check_sources, strict_job_body
-from app.core.config import Settings
+from app.api.validation import job_body_openapi
 from app.core.errors import Conflict, Invalid, NotFound, TooManyJobs
 from app.core.events import HubRegistry, follow
-from mtl.config import TrainConfig
 from mtl.errors import ModelError
-from worker.queue import enqueue
+from service.async_store import CancelOutcome, CreateOutcome, DeleteOutcome
+from service.queue import enqueue
+from service.records import Event, EventType, JobRecord, JobState
+from service.settings import Settings
 
 __all__ = ["router"]
 
@@ -61,7 +61,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401,
 
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-_DROP_FROM_LATEST = ("per_class", "confusion_matrix")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -79,37 +78,36 @@ def _links(job_id: str) -> Links:
     )
 
 
-def job_out(record: dict[str, Any], position: int | None = None) -> JobOut:
-    total = record.get("total_steps")
-    step = record.get("step") or 0
+def job_out(record: JobRecord, position: int | None = None) -> JobOut:
+    total, step = record.total_steps, record.step
     return JobOut(
-        id=record["id"],
-        name=record.get("name") or None,
-        state=record["state"],
-        attempt=record["attempt"],
-        max_attempts=record["max_attempts"],
-        restarts=record.get("restarts") or 0,
-        queue_position=position if record["state"] == "queued" else None,
-        created_at=record["created_at"],
-        started_at=record.get("started_at"),
-        finished_at=record.get("finished_at"),
+        id=record.id,
+        name=record.name,
+        state=record.state,
+        attempt=record.attempt,
+        max_attempts=record.max_attempts,
+        restarts=record.restarts,
+        queue_position=position if record.state is JobState.QUEUED else None,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
         progress=Progress(
             step=step,
             total_steps=total,
-            epoch=record.get("epoch"),
-            elapsed=record.get("elapsed"),
-            eta=record.get("eta"),
+            epoch=record.epoch,
+            elapsed=record.elapsed,
+            eta=record.eta,
             fraction=round(step / total, 4) if total else None,
-            updated_at=record.get("progress_at"),
+            updated_at=record.progress_at,
         ),
-        latest_metrics=record.get("latest") or {},
-        best_metrics=record.get("best") or {},
-        final_metrics=record.get("final_metrics"),
-        checkpoint_step=record.get("checkpoint_step"),
-        cancel_requested=record.get("cancel", False),
-        error=record.get("error") or None,
-        has_model=record.get("model", False),
-        links=_links(record["id"]),
+        latest_metrics=record.latest,
+        best_metrics=record.best,
+        final_metrics=record.final_metrics,
+        checkpoint_step=record.checkpoint_step,
+        cancel_requested=record.cancel,
+        error=record.error,
+        has_model=record.model,
+        links=_links(record.id),
     )
 
 
@@ -117,15 +115,15 @@ def _fingerprint(body: JobCreate) -> str:
     return hashlib.sha256(body.model_dump_json().encode()).hexdigest()[:32]
 
 
-def _model_dir(record: dict[str, Any], settings: Settings) -> Path:
-    if record["state"] != "succeeded":
+def _model_dir(record: JobRecord, settings: Settings) -> Path:
+    if record.state is not JobState.SUCCEEDED:
         raise Conflict(
-            f"job {record['id']} is {record['state']}: a model exists once it has succeeded",
-            record["state"],
+            f"job {record.id} is {record.state}: a model exists once it has succeeded",
+            record.state,
         )
-    model_dir = settings.job_dir(record["id"]) / "model"
-    if not record.get("model") or not (model_dir / "mtl.json").is_file():
-        raise NotFound(f"job {record['id']} has no exported model")
+    model_dir = settings.job_dir(record.id) / "model"
+    if not record.model or not (model_dir / "mtl.json").is_file():
+        raise NotFound(f"job {record.id} has no exported model")
     return model_dir
 
 
@@ -153,6 +151,14 @@ def _archive_dir(folder: Path, target: Path, arcname: str) -> Path:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobOut,
     summary="Submit a training job",
+    openapi_extra=job_body_openapi(
+        {
+            "two_task_dummy": {
+                "summary": "Two tasks on dummy data (CPU, a few seconds)",
+                "value": example_job(),
+            }
+        }
+    ),
     responses={
         **error_responses(400, 413),
         409: {
@@ -169,21 +175,10 @@ def _archive_dir(folder: Path, target: Path, arcname: str) -> Path:
 )
 async def submit_job(
     request: Request,
-    body: Annotated[
-        JobCreate,
-        Body(
-            openapi_examples={
-                "two_task_dummy": {
-                    "summary": "Two tasks on dummy data (CPU, a few seconds)",
-                    "value": example_job(),
-                }
-            }
-        ),
-    ],
+    body: ValidJobDep,
     response: Response,
     owner: OwnerDep,
     jobs: JobStoreDep,
-    datasets: DatasetStoreDep,
     settings: SettingsDep,
     celery: CeleryDep,
     idempotency_key: Annotated[
@@ -200,31 +195,29 @@ async def submit_job(
 
     The body is the training config (the schema `mtl train` reads) with an optional `name`.
     """
-    body = strict_job_body(await request.body())
-    config = TrainConfig.model_validate(body.model_dump(exclude={"name"}))
-    check_model_name(config, settings)
-    await check_sources(config, owner, datasets, settings)
     key = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
-    outcome, job_id, record, position = await jobs.create(
+    created = await jobs.create(
         owner=owner,
         name=body.name,
-        config_json=config.model_dump_json(),
+        config_json=body.model_dump_json(exclude={"name"}),
         max_attempts=settings.max_restarts + 1,
         idempotency_key=key,
         fingerprint=_fingerprint(body),
         max_active=settings.max_active_jobs_per_key,
     )
-    if outcome == "conflict":
+    if created.outcome is CreateOutcome.CONFLICT:
         raise Conflict("this Idempotency-Key was already used for a different request")
-    if outcome == "limited":
+    if created.outcome is CreateOutcome.LIMITED:
         raise TooManyJobs(
-            f"this API key already has {job_id} queued or running jobs, the limit is "
+            f"this API key already has {created.active} queued or running jobs, the limit is "
             f"{settings.max_active_jobs_per_key}: wait for one to finish, or cancel one",
             settings.retry_after_s,
         )
+    record = created.record
     if record is None:  # an idempotent replay of a job deleted since
-        raise NotFound(f"job {job_id} not found")
-    if outcome == "created":
+        raise NotFound(f"job {created.job_id} not found")
+    job_id = record.id
+    if created.outcome is CreateOutcome.CREATED:
         try:
             # one dedicated publisher thread: a pool of threads contending for the GIL with
             # the event loop shows up as tail latency
@@ -238,7 +231,7 @@ async def submit_job(
     else:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return job_out(record, position)
+    return job_out(record, created.position)
 
 
 @router.get("", response_model=JobList, summary="List jobs (newest first)")
@@ -253,12 +246,12 @@ async def list_jobs(
 ) -> JobList:
     limit = min(limit, settings.page_size_max)
     records, total = await jobs.page(owner, state, offset, limit)
-    positions = await jobs.queue_positions(r["id"] for r in records if r["state"] == "queued")
+    positions = await jobs.queue_positions(r.id for r in records if r.state is JobState.QUEUED)
     nxt = None
     if offset + limit < total:
         nxt = str(request.url.include_query_params(offset=offset + limit, limit=limit))
     return JobList(
-        items=[job_out(r, positions.get(r["id"])) for r in records],
+        items=[job_out(r, positions.get(r.id)) for r in records],
         total=total,
         offset=offset,
         limit=limit,
@@ -274,16 +267,16 @@ async def list_jobs(
 )
 async def get_job(job: JobDep, jobs: JobStoreDep) -> JobOut:
     position = None
-    if job["state"] == "queued":
-        position = (await jobs.queue_positions([job["id"]])).get(job["id"])
+    if job.state is JobState.QUEUED:
+        position = (await jobs.queue_positions([job.id])).get(job.id)
     return job_out(job, position)
 
 
 @router.get("/{job_id}/config", summary="The job's training config", responses=error_responses(404))
 async def get_config(job: JobDep, jobs: JobStoreDep) -> dict[str, Any]:
-    raw = await jobs.load_config(job["id"])
+    raw = await jobs.load_config(job.id)
     if raw is None:
-        raise NotFound(f"job {job['id']} not found")
+        raise NotFound(f"job {job.id} not found")
     config: dict[str, Any] = json.loads(raw)
     return config
 
@@ -300,13 +293,13 @@ async def get_config(job: JobDep, jobs: JobStoreDep) -> dict[str, Any]:
 )
 async def download_tensorboard(job: JobDep, settings: SettingsDep) -> FileResponse:
     """Open with `tar xzf ...; tensorboard --logdir tensorboard`."""
-    log_dir = settings.job_dir(job["id"]) / "tensorboard"
+    log_dir = settings.job_dir(job.id) / "tensorboard"
     if not log_dir.is_dir():
-        raise Conflict(f"job {job['id']} has no TensorBoard files yet", job["state"])
-    target = settings.job_dir(job["id"]) / "tensorboard.tar.gz"
+        raise Conflict(f"job {job.id} has no TensorBoard files yet", job.state)
+    target = settings.job_dir(job.id) / "tensorboard.tar.gz"
     path = await anyio.to_thread.run_sync(_archive_dir, log_dir, target, "tensorboard")
     return FileResponse(
-        path, media_type="application/gzip", filename=f"{job['id']}-tensorboard.tar.gz"
+        path, media_type="application/gzip", filename=f"{job.id}-tensorboard.tar.gz"
     )
 
 
@@ -329,10 +322,11 @@ async def get_metrics(
     step appears twice.
     """
     items = []
-    for raw in await jobs.metrics(job["id"], since_step):
-        event = json.loads(raw)
-        data = event["data"]
-        event_split = "train" if event["type"] == "log" else data.get("split", "validation")
+    for raw in await jobs.metrics(job.id, since_step):
+        event = Event.model_validate_json(raw)
+        data = event.data
+        is_log = event.type is EventType.LOG
+        event_split = "train" if is_log else data.get("split", "validation")
         if split is not None and event_split != split:
             continue
         if task is not None:
@@ -340,9 +334,9 @@ async def get_metrics(
                 continue
             data = {**data, "tasks": {task: data["tasks"][task]}}
             data.pop("mean", None)
-        items.append({**event, "split": event_split, "data": data})
-    items.sort(key=lambda e: (e["step"], e["type"] != "log", e["time"]))
-    return MetricsOut(job_id=job["id"], items=items)
+        items.append({**event.model_dump(mode="json"), "split": event_split, "data": data})
+    items.sort(key=lambda e: (e["step"], e["type"] != EventType.LOG, e["time"]))
+    return MetricsOut(job_id=job.id, items=items)
 
 
 @router.get(
@@ -378,7 +372,7 @@ async def stream_events(
     cursor = last_event_id or after or "0-0"
     events_sent = request.app.state.metrics.events
     hubs: HubRegistry = request.app.state.hubs
-    stream = follow(hubs, jobs, job["id"], cursor, settings.sse_keepalive_s)
+    stream = follow(hubs, jobs, job.id, cursor, settings.sse_keepalive_s)
     async with contextlib.aclosing(stream) as entries:
         async for entry in entries:
             if entry is None:
@@ -387,7 +381,7 @@ async def stream_events(
             entry_id, fields = entry
             yield ServerSentEvent(id=entry_id, event=fields.get("t"), raw_data=fields.get("e"))
             events_sent.inc()
-    state = await jobs.state(job["id"])
+    state = await jobs.state(job.id)
     yield ServerSentEvent(event="end", data={"state": state})
 
 
@@ -404,12 +398,12 @@ async def stream_events(
 async def cancel_job(job: JobDep, jobs: JobStoreDep) -> CancelOut:
     """A queued job is cancelled at once (it never starts); a running one stops within one
     training step and keeps its last checkpoint. Idempotent."""
-    outcome, previous = await jobs.cancel(job["id"])
-    if outcome == "missing":
-        raise NotFound(f"job {job['id']} not found")
-    if outcome == "finished":
-        raise Conflict(f"job {job['id']} already {previous}", previous)
-    return CancelOut(id=job["id"], state=outcome)
+    cancelled = await jobs.cancel(job.id)
+    if cancelled.outcome is CancelOutcome.MISSING:
+        raise NotFound(f"job {job.id} not found")
+    if cancelled.outcome is CancelOutcome.FINISHED:
+        raise Conflict(f"job {job.id} already {cancelled.previous}", cancelled.previous)
+    return CancelOut(id=job.id, state=JobState(cancelled.outcome))
 
 
 @router.delete(
@@ -428,12 +422,12 @@ async def delete_job(
     settings: SettingsDep,
     predictors: PredictorsDep,
 ) -> Response:
-    outcome = await jobs.delete(job["id"], owner)
-    if outcome == "missing":
-        raise NotFound(f"job {job['id']} not found")
-    if outcome != "deleted":
-        raise Conflict(f"job {job['id']} is {outcome}: cancel it first", outcome)
-    job_dir = settings.job_dir(job["id"])
+    deleted = await jobs.delete(job.id, owner)
+    if deleted.outcome is DeleteOutcome.MISSING:
+        raise NotFound(f"job {job.id} not found")
+    if deleted.outcome is DeleteOutcome.NOT_FINISHED:
+        raise Conflict(f"job {job.id} is {deleted.state}: cancel it first", deleted.state)
+    job_dir = settings.job_dir(job.id)
     predictors.evict(job_dir / "model")
     await anyio.to_thread.run_sync(lambda: shutil.rmtree(job_dir, ignore_errors=True))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -453,9 +447,9 @@ async def download_model(job: JobDep, settings: SettingsDep) -> FileResponse:
     """A `model/` folder: the encoder (`transformers.AutoModel.from_pretrained`), tokenizer,
     `heads.safetensors` and `mtl.json` (tasks, labels, pooling)."""
     model_dir = _model_dir(job, settings)
-    target = settings.job_dir(job["id"]) / "model.tar.gz"
+    target = settings.job_dir(job.id) / "model.tar.gz"
     path = await anyio.to_thread.run_sync(_archive, model_dir, target, "model")
-    return FileResponse(path, media_type="application/gzip", filename=f"{job['id']}-model.tar.gz")
+    return FileResponse(path, media_type="application/gzip", filename=f"{job.id}-model.tar.gz")
 
 
 @router.post(
@@ -486,5 +480,5 @@ async def predict(
             predictors.predict, model_dir, body.texts, limiter=request.app.state.predict_limiter
         )
     except ModelError as exc:
-        raise Conflict(f"the model cannot be used: {exc}", job["state"]) from None
-    return PredictOut(job_id=job["id"], predictions=predictions)
+        raise Conflict(f"the model cannot be used: {exc}", job.state) from None
+    return PredictOut(job_id=job.id, predictions=predictions)

@@ -1,7 +1,7 @@
 """The Celery app factory and how a job attempt is put on the queue.
 
 Celery is only the transport: a message is `(job_id, attempt)` as JSON; the job record in
-Redis decides what happens (see `worker.store`). The API imports this module to publish
+Redis decides what happens (see `service.store`). The API imports this module to publish
 messages without importing the task code.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 
 from celery import Celery
 
-from app.core.config import Settings
-from worker.keys import Keys
+from service.keys import Keys
+from service.settings import Settings
 
 __all__ = ["TASK_NAME", "enqueue", "make_celery", "message_attempt"]
 

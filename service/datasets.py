@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mtl.errors import DataError
-from worker.keys import Keys
+from service.keys import Keys
 
 __all__ = [
     "DATASET_ID_RE",
