@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,24 @@ def labelled_rows() -> Callable[..., list[dict[str, Any]]]:
         return rows
 
     return make
+
+
+#: The shared data sets live next to the checkout: `<repo>/../shared/data/<name>`.
+SHARED_DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def require_shared_data(path: Path) -> Path:
+    """`path` if it is a directory; else skip the test, or fail it when `CI` is `true` (so a
+    CI run cannot silently stop running the tests that need the shared data)."""
+    if path.is_dir():
+        return path
+    message = f"shared data not present: {path} is not a directory"
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(f"{message} (CI=true: the shared data must be there)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def shared_data_dir() -> Path:
+    """The shared women's clothing reviews data (`train.csv`, `validation.csv`, ...)."""
+    return require_shared_data(SHARED_DATA_ROOT / "womens_clothing_reviews")

@@ -133,12 +133,74 @@ RESUME_CASES: dict[str, tuple[dict[str, Any], int, str]] = {
     "grad_accum": ({"grad_accum_steps": 2}, 3, "log"),
     # the stop falls between two logs: the running statistics are restored too
     "between_logs": ({"log_every": 3, "checkpoint_every": 5}, 5, "step"),
+    "static_weights": (
+        {"weighting": {"name": "static", "weights": {"task_a": 1.5, "task_b": 0.5}}},
+        11,
+        "log",
+    ),
+    "mgda_representation": ({"gradient": {"name": "mgda", "level": "representation"}}, 5, "log"),
+    # PCGrad's random order (global RNG) and one encoder backward per task
+    "pcgrad_parameters": ({"gradient": {"name": "pcgrad", "level": "parameters"}}, 10, "log"),
+    # per-task files (see `per_task_files`), batches drawn by temperature: 7 steps per epoch,
+    # the stop falls in the second epoch, whose schedule differs from the first
+    "per_task_files_temperature": (
+        {"data": {"sampling": "temperature", "temperature": 2.0}, "epochs": 2},
+        10,
+        "log",
+    ),
 }
+#: Cases whose tasks read their own files: `per_task_files` supplies the tasks and data.
+FILE_CASES = {"per_task_files_temperature"}
+
+
+def per_task_files(folder: Path, write_rows: Any, labelled_rows: Any) -> dict[str, Any]:
+    """Two tasks with their own train and validation files (40 and 16 training rows, batches
+    of 8), and a main data block that serves no task."""
+    folder.mkdir()
+    rows = labelled_rows(60)
+
+    def sentiment(part: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"text": r["text"], "sentiment": r["sentiment"]} for r in part]
+
+    def topic(part: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"body": r["text"], "topic": r["topic"]} for r in part]
+
+    files = {
+        "a": write_rows(folder / "a.csv", sentiment(rows[:40])),
+        "a_val": write_rows(folder / "a_val.csv", sentiment(rows[40:52])),
+        "b": write_rows(folder / "b.jsonl", topic(rows[:16])),
+        "b_val": write_rows(folder / "b_val.jsonl", topic(rows[52:])),
+    }
+    return {
+        "tasks": [
+            {
+                "name": "sentiment",
+                "num_classes": 3,
+                "data": {"train": str(files["a"]), "validation": str(files["a_val"])},
+            },
+            {
+                "name": "topic",
+                "num_classes": 2,
+                "data": {
+                    "train": str(files["b"]),
+                    "validation": str(files["b_val"]),
+                    "text_column": "body",
+                },
+            },
+        ],
+        "data": {"kind": "files", "train": str(folder / "unused.csv")},
+        "batch_size": 8,
+    }
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
-def test_resume_matches_an_uninterrupted_run(case: str, make_config: Any, tmp_path: Path) -> None:
+def test_resume_matches_an_uninterrupted_run(
+    case: str, make_config: Any, write_rows: Any, labelled_rows: Any, tmp_path: Path
+) -> None:
     overrides, stop_at, how = RESUME_CASES[case]
+    if case in FILE_CASES:
+        files = per_task_files(tmp_path / "data", write_rows, labelled_rows)
+        overrides = {**files, **overrides, "data": {**files["data"], **overrides["data"]}}
     config = make_config(**overrides)
     # the default head dropout is 0.1 and the tiny BERT has dropout too: RNG matters
     assert config.tasks[0].head.dropout == 0.1

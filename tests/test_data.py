@@ -33,6 +33,7 @@ from mtl.datafiles import (
     read_records,
 )
 from mtl.errors import DataError
+from tests.conftest import SHARED_DATA_ROOT, require_shared_data
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -371,13 +372,30 @@ def test_inspect_records_caps_values() -> None:
     assert json.loads(json.dumps(info.to_dict()))["source"] == "dataset:abc"
 
 
-def test_real_data_file_if_present() -> None:
-    path = Path("/work/shared/data/womens_clothing_reviews/validation.csv")
-    if not path.exists():
-        pytest.skip("shared data not present")
+def test_real_data_file(shared_data_dir: Path) -> None:
+    path = shared_data_dir / "validation.csv"
     info = inspect_records(read_records(path, text_column="text"), "validation")
     assert info.rows == 2000
     assert info.label_values["department"] == ["Bottoms", "Dresses", "Intimate", "Jackets", "Tops"]
+
+
+def test_missing_shared_data_skips_but_fails_on_ci(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "shared" / "data" / "nothing_here"
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="shared data not present"):
+        require_shared_data(missing)
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception):
+        require_shared_data(missing)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"nothing_here.*CI=true"):
+        require_shared_data(missing)
+    missing.mkdir(parents=True)
+    assert require_shared_data(missing) == missing
+    repo = Path(__file__).resolve().parents[1]
+    assert SHARED_DATA_ROOT.relative_to(repo.parent) == Path("shared", "data")  # not absolute
 
 
 def test_datafiles_imports_no_torch() -> None:
@@ -536,3 +554,68 @@ def test_schedule_sources_modes() -> None:
     np.testing.assert_allclose(shares(2.0), t2, atol=0.02)
     assert schedule_sources([0, 3], "round_robin") == [1, 1, 1]
     assert schedule_sources([0, 0], "temperature", 2.0) == []
+
+
+# ------------------------------------------------------------------------- caps for uploads
+
+
+def test_read_caps_csv_columns_and_value_length(tmp_path: Path) -> None:
+    """`max_columns` / `max_field_chars` (the upload checks): checked while parsing, the error
+    names the data row (blank lines not counted) and the column; the header row has no row."""
+    path = write(tmp_path / "a.csv", "text,label\nok,a\n\nfine,b,extra,more\n")
+    err = data_error(read_records, path, name="dataset:x", max_columns=3)
+    assert str(err) == "dataset:x, row 2: 4 columns; at most 3 are accepted"
+    err = data_error(read_records, write(tmp_path / "w.csv", "a,b,c,d\n1,2,3,4\n"), max_columns=3)
+    assert (err.row, err.column) == (None, None) and "4 columns; at most 3" in str(err)
+
+    path = write(tmp_path / "b.csv", "text,label\nshort,a\n\n" + "x" * 11 + ",b\n")
+    err = data_error(read_records, path, name="dataset:x", max_field_chars=10)
+    assert (err.file, err.row, err.column) == ("dataset:x", 2, "text")
+    assert str(err) == (
+        "dataset:x, row 2, column 'text': a value of 11 characters; at most 10 are accepted"
+    )
+    header = write(tmp_path / "h.csv", "x" * 11 + "\na\n")
+    err = data_error(read_records, header, max_field_chars=10)
+    assert (err.row, err.column) == (None, None) and "a value of 11 characters" in str(err)
+
+    # within the caps (and without them) the records are the same
+    rows = read_records(path, max_columns=2, max_field_chars=11)
+    assert rows == read_records(path) and rows[1]["text"] == "x" * 11
+
+
+def test_read_caps_csv_field_over_the_csv_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A field the csv module refuses (over `csv.field_size_limit`, at least the cap + 1) is
+    reported as too long, not as malformed CSV."""
+    import csv
+
+    monkeypatch.setattr("mtl.datafiles.reading.CSV_FIELD_LIMIT", 1)
+    old = csv.field_size_limit(6)
+    try:
+        path = write(tmp_path / "big.csv", "text,label\nok,a\n" + "x" * 50 + ",b\n")
+        err = data_error(read_records, path, name="dataset:x", max_field_chars=5)
+        assert str(err) == (
+            "dataset:x, row 2: a value longer than 5 characters; at most 5 are accepted"
+        )
+        path = write(tmp_path / "six.csv", "text,label\n" + "x" * 6 + ",b\n")
+        err = data_error(read_records, path, max_field_chars=5)
+        assert err.row == 1 and err.column == "text" and "a value of 6 characters" in str(err)
+    finally:
+        csv.field_size_limit(old)
+
+
+def test_read_caps_jsonl_keys_and_value_length(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "a", "y": 1}, {"a": 1, "b": 2, "c": 3}])
+    err = data_error(read_records, path, name="dataset:x", max_columns=2)
+    assert str(err) == "dataset:x, row 2: 3 keys; at most 2 are accepted"
+
+    rows = [{"text": "ok", "y": 1}, {"text": "y" * 11, "y": 2, "nested": {"n": "z" * 50}}]
+    path = write(tmp_path / "b.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    err = data_error(read_records, path, name="dataset:x", max_field_chars=10)
+    assert (err.file, err.row, err.column) == ("dataset:x", 2, "text")
+    assert str(err) == (
+        "dataset:x, row 2, column 'text': a value of 11 characters; at most 10 are accepted"
+    )
+    # only top-level string values count; within the caps the records are the same
+    assert read_records(path, max_columns=3, max_field_chars=11) == rows
