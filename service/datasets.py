@@ -7,7 +7,6 @@ into a path, so a job can never make the service read a path a client chose.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 from mtl.errors import DataError
 from service.keys import Keys
+from service.records import DatasetRecord
 
 __all__ = [
     "DATASET_ID_RE",
@@ -88,27 +88,27 @@ class AsyncDatasetStore:
         self.keys = keys
         self.data_dir = data_dir
 
-    async def add(self, owner: str, dataset_id: str, info: dict[str, Any]) -> dict[str, Any]:
+    async def add(self, owner: str, dataset_id: str, info: dict[str, Any]) -> DatasetRecord:
         now = time.time()
-        record = {"id": dataset_id, "owner": owner, "created_at": now, **info}
+        record = DatasetRecord.model_validate({**info, "id": dataset_id, "created_at": now})
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
             self.keys.dataset(dataset_id),
-            mapping={"owner": owner, "created_at": now, "record": json.dumps(record)},
+            mapping={"owner": owner, "created_at": now, "record": record.model_dump_json()},
         )
         pipe.zadd(self.keys.owner_datasets(owner), {dataset_id: int(now * 1000)})
         await pipe.execute()
         return record
 
-    async def get(self, dataset_id: str, owner: str) -> dict[str, Any] | None:
+    async def get(self, dataset_id: str, owner: str) -> DatasetRecord | None:
         if not DATASET_ID_RE.match(dataset_id):
             return None
         raw = await self.redis.hmget(self.keys.dataset(dataset_id), "owner", "record")
         if raw[0] is None or raw[0] != owner:
             return None
-        return json.loads(raw[1])
+        return DatasetRecord.model_validate_json(raw[1])
 
-    async def page(self, owner: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+    async def page(self, owner: str, offset: int, limit: int) -> tuple[list[DatasetRecord], int]:
         index = self.keys.owner_datasets(owner)
         pipe = self.redis.pipeline(transaction=False)
         pipe.zcard(index)
@@ -119,7 +119,7 @@ class AsyncDatasetStore:
         pipe = self.redis.pipeline(transaction=False)
         for dataset_id in ids:
             pipe.hget(self.keys.dataset(dataset_id), "record")
-        return [json.loads(r) for r in await pipe.execute() if r], total
+        return [DatasetRecord.model_validate_json(r) for r in await pipe.execute() if r], total
 
     async def delete(self, dataset_id: str, owner: str) -> bool:
         if await self.get(dataset_id, owner) is None:

@@ -8,6 +8,7 @@ The worker writes them, the API reads and returns them, the CLI client reads the
   ``{"type", "attempt", "step", "time", "data"}``. The Lua scripts write the same shape for
   `state` events (`service/lua/lib.lua`). `data` is the payload: a training log or an
   evaluation report (`mtl.callbacks` documents both), a checkpoint, a state change, a resume.
+* `DatasetRecord`: an uploaded dataset (`{p}:dataset:{id}`, beside its owner).
 * Scores: `mtl.summary.TaskScores` per task, here with the step they belong to (`latest`) or
   with the monitored metric that made them the best (`best`).
 """
@@ -18,7 +19,7 @@ import json
 import time
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +29,7 @@ __all__ = [
     "ACTIVE_STATES",
     "TERMINAL_STATES",
     "BestScores",
+    "DatasetRecord",
     "Event",
     "EventType",
     "FinalScores",
@@ -183,3 +185,25 @@ class JobRecord(BaseModel):
         for name in _FLAGS:
             out[name] = out.get(name) == "1"
         return cls.model_validate(out)
+
+
+class DatasetRecord(BaseModel):
+    """An uploaded dataset: its file and what inspecting it found (the owner is kept beside
+    it in Redis, not in the record)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    source: str = Field(description="what a job config names: `dataset:<id>`")
+    name: str | None = None
+    filename: str | None = None
+    format: Literal["csv", "jsonl"]
+    size_bytes: int
+    rows: int
+    columns: list[str]
+    label_values: dict[str, list[str]] = Field(description="column -> distinct values")
+    capped: dict[str, bool] = Field(
+        default_factory=dict, description="column -> more values than listed"
+    )
+    missing: dict[str, int] = Field(default_factory=dict, description="column -> empty cells")
+    created_at: float

@@ -1,6 +1,10 @@
 """Service settings: one pydantic-settings class, read from the environment (prefix ``MTL_``).
 
-The worker imports this module too (it loads only pydantic-settings, no web code).
+The API and the worker read the same environment, so one class describes it, in sections:
+where things live (both), access, limits and browsers (the API), the job protocol (both: the
+API writes a job's restart budget and stream limits, the worker keeps its lease, the reaper
+and the stall watchdog), and the models a job may name (the API checks them on submit).
+It loads only pydantic-settings: no web, queue or training code.
 
 Examples::
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtl.config import TrainConfig
-from service.records import BestScores, FinalScores, JobState, LatestScores
+from service.records import BestScores, DatasetRecord, FinalScores, JobState, LatestScores
 
 __all__ = [
     "MAX_OFFSET",
@@ -184,21 +184,8 @@ class PredictOut(BaseModel):
     )
 
 
-class DatasetOut(BaseModel):
-    id: str
-    source: str = Field(description="what a job config names: `dataset:<id>`")
-    name: str | None = None
-    filename: str | None = None
-    format: Literal["csv", "jsonl"]
-    size_bytes: int
-    rows: int
-    columns: list[str]
-    label_values: dict[str, list[str]] = Field(description="column -> distinct values")
-    capped: dict[str, bool] = Field(
-        default_factory=dict, description="column -> more values than listed"
-    )
-    missing: dict[str, int] = Field(default_factory=dict, description="column -> empty cells")
-    created_at: float
+#: a dataset, as the API returns it (the record itself: defined once, in `service.records`)
+DatasetOut = DatasetRecord
 
 
 class DatasetList(BaseModel):

@@ -119,7 +119,7 @@ async def upload_dataset(
             **info,
         },
     )
-    return DatasetOut(**record)
+    return record
 
 
 @router.get("", response_model=DatasetList, summary="List datasets (newest first)")
@@ -136,9 +136,7 @@ async def list_datasets(
     nxt = None
     if offset + limit < total:
         nxt = str(request.url.include_query_params(offset=offset + limit, limit=limit))
-    return DatasetList(
-        items=[DatasetOut(**r) for r in records], total=total, offset=offset, limit=limit, next=nxt
-    )
+    return DatasetList(items=records, total=total, offset=offset, limit=limit, next=nxt)
 
 
 @router.get(
@@ -151,7 +149,7 @@ async def get_dataset(dataset_id: str, owner: OwnerDep, store: DatasetStoreDep) 
     record = await store.get(dataset_id, owner)
     if record is None:
         raise NotFound(f"dataset {dataset_id} not found")
-    return DatasetOut(**record)
+    return record
 
 
 @router.delete(
