@@ -22,6 +22,7 @@ import httpx
 from httpx_sse import connect_sse
 
 from mtl.errors import MTLError
+from service.records import Event as StreamEntry
 
 __all__ = ["Event", "JobClient", "ServiceError"]
 
@@ -38,6 +39,9 @@ class ServiceError(MTLError):
 
 @dataclass
 class Event:
+    """One message of a job's event stream: an entry (`service.records.Event`, with its stream
+    id) or the closing `end` (no attempt or step; `data` is {"state": ...})."""
+
     id: str
     type: str  # log | evaluate | checkpoint | state | resume | end
     attempt: int | None
@@ -148,14 +152,10 @@ class JobClient:
                             return
                         if sse.id:
                             last_event_id = sse.id
-                        payload = json.loads(sse.data) if sse.data else {}
-                        yield Event(
-                            sse.id,
-                            payload.get("type", sse.event),
-                            payload.get("attempt"),
-                            payload.get("step"),
-                            payload.get("data") or {},
-                        )
+                        if not sse.data:  # a keep-alive comment
+                            continue
+                        entry = StreamEntry.model_validate_json(sse.data)
+                        yield Event(sse.id, entry.type, entry.attempt, entry.step, entry.data)
             except httpx.HTTPError as exc:
                 failures += 1
                 if failures > 5:
