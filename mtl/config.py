@@ -355,18 +355,30 @@ class GradNormWeighting(_Tagged):
     lr: float = Field(0.025, gt=0.0, le=10.0, description="lr of the task weights")
 
 
+class FAMOWeighting(_Tagged):
+    """FAMO (Liu et al., 2023): weights that balance the tasks' log-loss decrease, one backward
+    per step."""
+
+    name: Literal["famo"] = "famo"
+    lr: float = Field(0.025, gt=0.0, le=10.0, description="Adam lr of the task logits")
+    gamma: float = Field(
+        0.01, ge=0.0, le=10.0, description="weight decay of the task logits (the paper's gamma)"
+    )
+
+
 WeightingConfig = Annotated[
     SumWeighting
     | StaticWeighting
     | UncertaintyWeighting
     | DWAWeighting
     | RLWWeighting
-    | GradNormWeighting,
+    | GradNormWeighting
+    | FAMOWeighting,
     Field(discriminator="name"),
 ]
 
-WEIGHTING_NAMES = ("sum", "static", "uncertainty", "dwa", "rlw", "gradnorm")
-GRADIENT_NAMES = ("none", "pcgrad", "mgda")
+WEIGHTING_NAMES = ("sum", "static", "uncertainty", "dwa", "rlw", "gradnorm", "famo")
+GRADIENT_NAMES = ("none", "pcgrad", "mgda", "upgrad")
 
 
 class GradientConfig(_Strict):
@@ -377,7 +389,7 @@ class GradientConfig(_Strict):
     gradient on the encoder parameters (one encoder backward per task: slower, exact).
     """
 
-    name: Literal["none", "pcgrad", "mgda"] = "none"
+    name: Literal["none", "pcgrad", "mgda", "upgrad"] = "none"
     level: Literal["representation", "parameters"] = "representation"
 
 

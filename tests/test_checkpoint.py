@@ -139,6 +139,12 @@ RESUME_CASES: dict[str, tuple[dict[str, Any], int, str]] = {
         "log",
     ),
     "mgda_representation": ({"gradient": {"name": "mgda", "level": "representation"}}, 5, "log"),
+    # FAMO's logits and their Adam state move every step: buffers, restored
+    "famo_upgrad": (
+        {"weighting": {"name": "famo"}, "gradient": {"name": "upgrad", "level": "parameters"}},
+        7,
+        "log",
+    ),
     # PCGrad's random order (global RNG) and one encoder backward per task
     "pcgrad_parameters": ({"gradient": {"name": "pcgrad", "level": "parameters"}}, 10, "log"),
     # per-task files (see `per_task_files`), batches drawn by temperature: 7 steps per epoch,

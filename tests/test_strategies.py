@@ -13,6 +13,7 @@ from mtl.config import (
     GRADIENT_NAMES,
     WEIGHTING_NAMES,
     DWAWeighting,
+    FAMOWeighting,
     GradientConfig,
     GradNormWeighting,
     RLWWeighting,
@@ -23,6 +24,7 @@ from mtl.config import (
 )
 from mtl.strategies import (
     DWA,
+    FAMO,
     MGDA,
     RLW,
     GradientStrategy,
@@ -31,6 +33,7 @@ from mtl.strategies import (
     Static,
     Sum,
     Uncertainty,
+    UPGrad,
     WeightingStrategy,
     build_gradient,
     build_weighting,
@@ -438,3 +441,115 @@ def test_build_unknown_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "GRADIENTS", {})
     with pytest.raises(ValueError, match="unknown gradient strategy 'none'"):
         build_gradient(GradientConfig(), AB)
+
+
+# ------------------------------------------------------------------------------------- FAMO
+
+
+def famo(lr: float = 0.025, gamma: float = 0.01) -> FAMO:
+    return FAMO(["a", "b"], FAMOWeighting(lr=lr, gamma=gamma))
+
+
+def test_famo_first_step_weights_are_c_z_over_loss() -> None:
+    """Algorithm 1: z = softmax(xi) (uniform at start), c = 1 / sum(z_i / L_i), and the model
+    follows sum_i c * z_i / L_i * grad L_i."""
+    strategy = famo()
+    la = torch.tensor(2.0, requires_grad=True)
+    lb = torch.tensor(0.5, requires_grad=True)
+    total, w = strategy.combine({"a": la, "b": lb})
+    c = 1 / (0.5 / 2.0 + 0.5 / 0.5)
+    assert_close(w["a"], torch.tensor(c * 0.5 / 2.0))
+    assert_close(w["b"], torch.tensor(c * 0.5 / 0.5))
+    total.backward()
+    # the same gradient as c * sum_i z_i * grad log L_i
+    assert_close(la.grad, torch.tensor(c * 0.5 / 2.0))
+    assert_close(lb.grad, torch.tensor(c * 0.5 / 0.5))
+    assert torch.equal(strategy.xi, torch.zeros(2))  # nothing to learn from yet
+
+
+def test_famo_logit_update_follows_the_log_loss_decrease() -> None:
+    """delta = log L(t-1) - log L(t); grad_xi = J_softmax(xi)^T delta; one Adam step (its first
+    step moves each logit by lr against the sign of its gradient)."""
+    lr = 0.1
+    strategy = famo(lr=lr, gamma=0.0)
+    strategy.combine({"a": torch.tensor(2.0), "b": torch.tensor(1.0)})
+    # task a's loss halves, task b's barely moves: b lags, so its logit must grow
+    strategy.combine({"a": torch.tensor(1.0), "b": torch.tensor(0.99)})
+    delta = torch.tensor([math.log(2.0), math.log(1.0 / 0.99)])
+    z = torch.tensor([0.5, 0.5])
+    jacobian = torch.diag(z) - torch.outer(z, z)
+    grad = jacobian.T @ delta  # the paper's gradient of the logits
+    assert grad[0] > 0 > grad[1]
+    assert_close(strategy.xi, -lr * torch.sign(grad), atol=1e-6, rtol=0)
+    _, w = strategy.combine({"a": torch.tensor(1.0), "b": torch.tensor(1.0)})
+    z_now = torch.softmax(strategy.xi, 0)  # after this forward's own logit step
+    assert_close(torch.stack([w["a"], w["b"]]), z_now)  # equal losses: w = z
+    assert float(w["b"]) > 0.5 > float(w["a"])  # the lagging task weighs more
+
+
+def test_famo_weight_decay_pulls_the_logits_back() -> None:
+    strategy = famo(lr=0.1, gamma=0.5)
+    losses = [(2.0, 1.0), (1.0, 0.99), (0.5, 0.98), (0.25, 0.97)]
+    for la, lb in losses:
+        strategy.combine({"a": torch.tensor(la), "b": torch.tensor(lb)})
+    no_decay = famo(lr=0.1, gamma=0.0)
+    for la, lb in losses:
+        no_decay.combine({"a": torch.tensor(la), "b": torch.tensor(lb)})
+    assert 0 < float(strategy.xi[1]) < float(no_decay.xi[1])
+
+
+def test_famo_absent_task_keeps_its_logit_and_the_state_round_trips() -> None:
+    strategy = famo(lr=0.1)
+    strategy.combine({"a": torch.tensor(2.0), "b": torch.tensor(1.0)})
+    strategy.combine({"a": torch.tensor(1.0)})  # b absent: only a's delta
+    _, w = strategy.combine({"a": torch.tensor(0.9)})
+    assert_close(w["a"], torch.tensor(1.0))  # renormalised over the tasks present
+    clone = famo(lr=0.1)
+    clone.load_state_dict(strategy.state_dict())
+    for la, lb in [(0.8, 0.9), (0.7, 0.85), (0.6, 0.84)]:
+        _, w1 = strategy.combine({"a": torch.tensor(la), "b": torch.tensor(lb)})
+        _, w2 = clone.combine({"a": torch.tensor(la), "b": torch.tensor(lb)})
+        assert torch.equal(w1["a"], w2["a"]) and torch.equal(w1["b"], w2["b"])
+    assert torch.equal(strategy.xi, clone.xi)
+    assert float(strategy.adam_step) == float(clone.adam_step) == 5  # one per later forward
+
+
+# ------------------------------------------------------------------------------------ UPGrad
+
+
+def dual_cone_projection(g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The projection of `g` onto {x : x . r >= 0 for every row r}, for two rows (the paper's
+    eq. 3), by cases: inside, onto one face, or onto the cone's apex."""
+    candidates = [g]
+    for r in rows:
+        candidates.append(g - torch.dot(g, r) / torch.dot(r, r) * r)
+    candidates.append(torch.zeros_like(g))
+    feasible = [x for x in candidates if all(float(torch.dot(x, r)) >= -1e-9 for r in rows)]
+    return min(feasible, key=lambda x: float((x - g).norm()))
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [[1.0, 0.0], [-0.5, 1.0]],  # conflicting: both rows are projected
+        [[1.0, 0.2], [0.3, 1.0]],  # no conflict: the mean of the rows
+        [[2.0, 1.0, 0.0], [-1.0, 0.5, 3.0]],
+    ],
+)
+def test_upgrad_is_the_sum_of_the_dual_cone_projections(rows: list[list[float]]) -> None:
+    """The paper's mean of projections, times T (the size of `none`, like `mgda`)."""
+    jacobian = torch.tensor(rows, dtype=torch.float64)
+    expected = torch.stack([dual_cone_projection(g, jacobian) for g in jacobian]).sum(0)
+    got = UPGrad(["a", "b"]).combine(jacobian)
+    assert_close(got, expected, atol=4e-3, rtol=2e-3)  # torchjd regularises the Gramian
+    for row in jacobian:  # conflicts with no task
+        assert float(torch.dot(got, row)) >= -1e-6
+
+
+def test_upgrad_conflicting_pair_hand_values() -> None:
+    got = UPGrad(["a", "b"]).combine(torch.tensor([[1.0, 0.0], [-0.5, 1.0]]))
+    # pi(g1) = (0.8, 0.4), pi(g2) = (0, 1): the mean is (0.4, 0.7), times T = 2
+    assert_close(got, torch.tensor([0.8, 1.4]), atol=4e-3, rtol=0)
+    # no conflict: exactly the plain sum
+    rows = torch.tensor([[1.0, 0.2], [0.3, 1.0]])
+    assert_close(UPGrad(["a", "b"]).combine(rows), rows.sum(0), atol=4e-3, rtol=0)

@@ -102,10 +102,13 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "dwa": {"weighting": {"name": "dwa", "temperature": 2.0}, "epochs": 3},
     "rlw": {"weighting": {"name": "rlw"}},
     "gradnorm": {"weighting": {"name": "gradnorm"}},
+    "famo": {"weighting": {"name": "famo"}},
     "pcgrad": {"gradient": {"name": "pcgrad"}},
     "mgda": {"gradient": {"name": "mgda"}},
     "pcgrad_parameters": {"gradient": {"name": "pcgrad", "level": "parameters"}},
     "mgda_parameters": {"gradient": {"name": "mgda", "level": "parameters"}},
+    "upgrad": {"gradient": {"name": "upgrad"}},
+    "upgrad_parameters": {"gradient": {"name": "upgrad", "level": "parameters"}},
 }
 COSINE_EVERY = 3
 
@@ -169,6 +172,9 @@ def test_every_strategy_learns_and_logs_weights_and_cosines(
     elif wname == "gradnorm":
         assert all(sum(w.values()) == pytest.approx(2.0, abs=1e-6) for w in weights)
         assert abs(weights[-1]["task_a"] - 1.0) > 1e-3
+    elif wname == "famo":  # c * z_t / L_t: they sum to 1 and follow the losses
+        assert all(sum(w.values()) == pytest.approx(1.0, abs=1e-5) for w in weights)
+        assert len({round(w["task_a"], 6) for w in weights}) > len(weights) // 2
 
 
 # ------------------------------------------------------------- gradient surgery changes the update

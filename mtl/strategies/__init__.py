@@ -2,6 +2,7 @@
 
 from .base import GradientStrategy, WeightingStrategy
 from .dwa import DWA
+from .famo import FAMO
 from .gradnorm import GradNorm
 from .mgda import MGDA
 from .pcgrad import PCGrad
@@ -17,6 +18,7 @@ from .rlw import RLW
 from .static import Static
 from .sum import Sum
 from .uncertainty import Uncertainty
+from .upgrad import UPGrad
 
 register_weighting("sum", Sum)
 register_weighting("static", Static)
@@ -24,13 +26,16 @@ register_weighting("uncertainty", Uncertainty)
 register_weighting("dwa", DWA)
 register_weighting("rlw", RLW)
 register_weighting("gradnorm", GradNorm)
+register_weighting("famo", FAMO)
 
 register_gradient("none", GradientStrategy)
 register_gradient("pcgrad", PCGrad)
 register_gradient("mgda", MGDA)
+register_gradient("upgrad", UPGrad)
 
 __all__ = [
     "DWA",
+    "FAMO",
     "GRADIENTS",
     "MGDA",
     "RLW",
@@ -40,6 +45,7 @@ __all__ = [
     "PCGrad",
     "Static",
     "Sum",
+    "UPGrad",
     "Uncertainty",
     "WeightingStrategy",
     "build_gradient",

@@ -13,6 +13,7 @@ from typing import Any
 
 from mtl.config import (
     DWAWeighting,
+    FAMOWeighting,
     GradientConfig,
     GradNormWeighting,
     RLWWeighting,
@@ -30,6 +31,7 @@ WeightingParams = (
     | DWAWeighting
     | RLWWeighting
     | GradNormWeighting
+    | FAMOWeighting
 )
 
 WEIGHTINGS: dict[str, type[WeightingStrategy]] = {}
