@@ -18,7 +18,7 @@ import mtl
 from app.api.deps import KeyGate
 from app.api.errors import install_error_handlers
 from app.api.openapi import install_openapi
-from app.api.routes import configs, dashboard, datasets, health, jobs
+from app.api.routes import configs, dashboard, datasets, docs, health, jobs
 from app.core.events import HubRegistry
 from app.core.metrics import ServiceMetrics
 from app.core.predictors import PredictorCache
@@ -112,6 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         max_body_size=settings.max_body_bytes,
+        docs_url=None,  # served by `docs.router` with local assets (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
@@ -139,5 +141,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         datasets.router, prefix="/v1", max_body_size=settings.max_upload_bytes + 64 * 1024
     )
     app.include_router(dashboard.router)
+    app.include_router(docs.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

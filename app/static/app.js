@@ -313,17 +313,28 @@ async function submitPage(signal) {
 
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
 
+// A uPlot line chart as wide as its element: `chartResizer` calls `fit` whenever the element's
+// width changes (window resize, layout), so charts always use the page's width.
 class LineChart {
-  constructor(title, seriesNames, width = 360, height = 170) {
+  constructor(title, seriesNames, height = 170) {
     this.names = seriesNames;
+    this.height = height;
+    this.width = 600; // until the first layout tells the real width
     this.points = new Map(); // x -> array of y per series
     this.el = h("div", { class: "chart", "data-chart": title }, h("div", { class: "title" }, title));
     this.plot = new uPlot({
-      width, height, legend: { show: true },
+      width: this.width, height, legend: { show: true },
       scales: { x: { time: false } },
-      axes: [{ size: 30 }, { size: 45 }],
+      axes: [{ size: 30 }, { size: 50 }],
       series: [{ label: "step" }, ...seriesNames.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true, points: { show: false } }))],
     }, [[], ...seriesNames.map(() => [])], this.el);
+  }
+  fit(width) {
+    const w = Math.floor(width);
+    if (w > 0 && w !== this.width) {
+      this.width = w;
+      this.plot.setSize({ width: w, height: this.height });
+    }
   }
   set(x, name, y) {
     const i = this.names.indexOf(name);
@@ -337,6 +348,38 @@ class LineChart {
     this.el.dataset.points = String(xs.length);
     this.plot.setData([xs, ...this.names.map((_, i) => xs.map((x) => this.points.get(x)[i]))]);
   }
+}
+
+// One ResizeObserver for a page's charts, disconnected when the page goes away (`signal`).
+function chartResizer(signal) {
+  const byEl = new Map();
+  const observer = new ResizeObserver((entries) => {
+    for (const entry of entries) byEl.get(entry.target)?.fit(entry.contentRect.width);
+  });
+  signal.addEventListener("abort", () => observer.disconnect());
+  return (chart) => { byEl.set(chart.el, chart); observer.observe(chart.el); return chart; };
+}
+
+const SPLITS = ["validation", "test"];
+const SCORES = [["accuracy", "accuracy"], ["macro_f1", "macro-F1"], ["weighted_f1", "weighted-F1"]];
+
+// The exported model's scores (`final_metrics`): a row per task and their mean, a column group
+// per split (validation, and test when the data has a test split).
+function finalScoresTable(final, taskNames) {
+  const splits = SPLITS.filter((s) => final && final[s] && final[s].tasks);
+  if (!splits.length) return null;
+  const names = [...taskNames];
+  for (const s of splits) for (const t of Object.keys(final[s].tasks)) if (!names.includes(t)) names.push(t);
+  const cell = (split, task, scores, [key]) => h("td", { class: "num", "data-split": split, "data-task": task, "data-metric": key }, fmt(scores && scores[key]));
+  const row = (task, label, pick, cls) => h("tr", { class: cls, "data-row": task }, h("th", { scope: "row" }, label),
+    splits.flatMap((s) => SCORES.map((m) => cell(s, task, pick(final[s]), m))));
+  return h("table", { class: "scores", id: "final-scores-table" },
+    h("thead", {},
+      h("tr", {}, h("th", {}), splits.map((s) => h("th", { colspan: SCORES.length, class: "split" }, s))),
+      h("tr", {}, h("th", {}, "task"), splits.flatMap(() => SCORES.map(([, label]) => h("th", { class: "num" }, label))))),
+    h("tbody", {},
+      names.map((t) => row(t, t, (r) => r.tasks[t], "")),
+      row("mean", "mean", (r) => r.mean, "mean")));
 }
 
 function confusionTable(labels, matrix) {
@@ -358,22 +401,24 @@ async function jobPage(id, signal) {
   const taskNames = config && config.tasks ? config.tasks.map((t) => t.name) : tasks;
 
   const header = h("div", { class: "card", id: "job-header" });
+  const finalBox = h("div", { class: "card", id: "final-scores", hidden: true });
+  const fit = chartResizer(signal);
   const charts = {};
-  const grid = h("div", { class: "grid" });
+  const tasksBox = h("div", { class: "tasks" });
   for (const task of taskNames) {
     charts[task] = {
-      loss: new LineChart(`${task}: loss`, ["train", "validation"]),
-      accuracy: new LineChart(`${task}: accuracy`, ["train", "validation"]),
-      macro_f1: new LineChart(`${task}: macro-F1`, ["train", "validation"]),
+      loss: fit(new LineChart(`${task}: loss`, ["train", "validation"])),
+      accuracy: fit(new LineChart(`${task}: accuracy`, ["train", "validation"])),
+      macro_f1: fit(new LineChart(`${task}: macro-F1`, ["train", "validation"])),
       cm: h("div", { class: "cm-box", "data-cm": task }, h("p", { class: "muted" }, "confusion matrix: after the first evaluation")),
     };
     const c = charts[task];
-    grid.append(h("div", { class: "card task", "data-task": task }, h("h3", {}, task), c.loss.el, c.accuracy.el, c.macro_f1.el, c.cm));
+    tasksBox.append(h("div", { class: "card task", "data-task": task }, h("h3", {}, task), c.loss.el, c.accuracy.el, c.macro_f1.el, c.cm));
   }
-  const weights = new LineChart("task weights", taskNames);
+  const weights = fit(new LineChart("task weights", taskNames));
   const pairs = [];
   for (let i = 0; i < taskNames.length; i++) for (let j = i + 1; j < taskNames.length; j++) pairs.push(`${taskNames[i]}|${taskNames[j]}`);
-  const cosine = new LineChart("gradient cosine (conflict when < 0)", pairs.length ? pairs : ["(one task)"]);
+  const cosine = fit(new LineChart("gradient cosine (conflict when < 0)", pairs.length ? pairs : ["(one task)"]));
   const predictIn = h("textarea", { id: "predict-texts", rows: 3, placeholder: "one text per line" });
   const predictOut = h("div", { id: "predict-out" });
   const doPredict = async () => {
@@ -388,10 +433,23 @@ async function jobPage(id, signal) {
           names.map((n) => h("td", {}, `${p[n].label} (${fmt(p[n].probabilities[p[n].label], 2)})`))))));
     } catch (err) { predictOut.replaceChildren(h("p", { class: "error-reason" }, err.message)); }
   };
-  view.append(header, grid,
+  view.append(header, finalBox, tasksBox,
     h("div", { class: "grid" }, h("div", { class: "card" }, weights.el), h("div", { class: "card" }, cosine.el)),
     h("div", { class: "card" }, h("h2", {}, "Predict"), predictIn,
       h("div", { class: "row", style: "margin-top:.5rem" }, h("button", { onclick: doPredict, id: "predict" }, "Predict")), predictOut));
+
+  let finalShown = "";
+  const renderFinal = () => {
+    const key = JSON.stringify(job.final_metrics || null);
+    if (key === finalShown) return;
+    finalShown = key;
+    const table = finalScoresTable(job.final_metrics, taskNames);
+    finalBox.hidden = !table;
+    finalBox.replaceChildren(...(table ? [
+      h("h2", {}, "Final scores of the exported model"),
+      table,
+    ] : []));
+  };
 
   const renderHeader = () => {
     const p = job.progress || {};
@@ -419,6 +477,7 @@ async function jobPage(id, signal) {
         h("div", {}, "ETA"), h("div", {}, TERMINAL.has(job.state) ? "–" : duration(p.eta)),
         h("div", {}, "attempt"), h("div", {}, `${job.attempt} of ${job.max_attempts}`),
         job.error ? h("div", {}, "reason") : null, job.error ? h("div", { class: "error-reason" }, job.error) : null));
+    renderFinal();
   };
   renderHeader();
 

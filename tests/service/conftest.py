@@ -26,7 +26,7 @@ from service.embedded import REPO_ROOT, RedisServer, free_port, start_worker, st
 KEYS = {"alice": "alice-key-0001", "bob": "bob-key-000002"}
 PREFIX = "mtltest"
 
-# The two-task dummy job of the Swagger example, as the tests submit it.
+# A two-task dummy job of 32 steps (the Swagger example as it was; that one now trains longer).
 DUMMY = {
     "encoder": {
         "random_init": {

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from service.embedded import REPO_ROOT
+from service.keys import Keys
 from tests.service.conftest import (
     DUMMY,
+    PREFIX,
+    WorkerHandle,
     long_config,
     read_sse,
     submit,
@@ -19,7 +25,9 @@ from tests.service.conftest import (
 )
 
 
-def test_cancel_running_and_queued(client: httpx.Client, service_env: dict[str, str]) -> None:
+def test_cancel_running_and_queued(
+    client: httpx.Client, service_env: dict[str, str], worker: WorkerHandle
+) -> None:
     running = submit(client, long_config(steps=5000, checkpoint_every=10))
     job = wait_step(client, running["id"], 25)
     assert job["state"] == "running"
@@ -59,8 +67,17 @@ def test_cancel_running_and_queued(client: httpx.Client, service_env: dict[str, 
     assert states == ["queued", "running", "cancelling", "cancelled"]
     assert events[-1] == {**events[-1], "event": "end", "data": {"state": "cancelled"}}
 
-    # the worker has taken the cancelled job's message by now and must not have run it
-    time.sleep(1.5)
+    # the worker takes the cancelled job's message (the queue is empty) and refuses it
+    refused = f"job {queued['id']} attempt 1 not started: not-queued cancelled"
+    deadline = time.monotonic() + 60
+    while refused not in worker.log_text():
+        assert time.monotonic() < deadline, worker.log_text()[-3000:]
+        time.sleep(0.05)
+    db = redis.Redis.from_url(service_env["MTL_REDIS_URL"])
+    try:
+        assert db.llen(Keys(PREFIX).broker_queue(service_env["MTL_QUEUE_NAME"])) == 0
+    finally:
+        db.close()
     q = client.get(f"/v1/jobs/{queued['id']}").json()
     assert q["state"] == "cancelled" and q["started_at"] is None
     q_events, _ = read_sse(client, queued["id"])
@@ -87,10 +104,6 @@ def test_cancel_finished_job_is_409_and_delete(
     assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
     assert not job_dir.exists()
     assert client.delete(f"/v1/jobs/{job['id']}").status_code == 404
-    import redis
-
-    from service.keys import Keys
-
     r2 = redis.Redis.from_url(service_env["MTL_REDIS_URL"])
     keys = Keys(service_env["MTL_KEY_PREFIX"])
     assert not any(r2.exists(k) for k in keys.job_keys(job["id"]))
@@ -250,11 +263,17 @@ def test_health_and_ready(client: httpx.Client) -> None:
     assert ready.json()["redis"] is True and ready.json()["workers"]
 
 
-def test_swagger_example_is_the_dummy_job(client: httpx.Client) -> None:
+def test_swagger_example_is_the_example_file(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()
-    body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
-    example = body["examples"]["two_task_dummy"]["value"]
-    assert {k: v for k, v in example.items() if k != "name"} == DUMMY
+    body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]
+    assert body["required"] is True
+    content = body["content"]["application/json"]
+    assert content["schema"] == {"$ref": "#/components/schemas/JobCreate"}
+    assert "JobCreate" in spec["components"]["schemas"]
+    example = content["examples"]["two_task_dummy"]["value"]
+    assert example == json.loads((REPO_ROOT / "app/examples/dummy_job.json").read_text())
+    validate = spec["paths"]["/v1/configs/validate"]["post"]["requestBody"]
+    assert validate["content"]["application/json"]["schema"] == content["schema"]
     assert client.get("/docs").status_code == 200
 
 
