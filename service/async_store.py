@@ -25,6 +25,7 @@ __all__ = [
     "Created",
     "DeleteOutcome",
     "Deleted",
+    "newest_first",
 ]
 
 
@@ -67,6 +68,15 @@ class DeleteOutcome(StrEnum):
 class Deleted:
     outcome: DeleteOutcome
     state: JobState | None = None  # the state that forbids it (not-finished)
+
+
+async def newest_first(redis: Any, index: str, offset: int, limit: int) -> tuple[list[str], int]:
+    """One page of an owner's index (a sorted set by time), newest first, and its size."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.zcard(index)
+    pipe.zrevrange(index, offset, offset + limit - 1)
+    total, ids = await pipe.execute()
+    return list(ids), int(total)
 
 
 class AsyncJobStore:
@@ -152,11 +162,9 @@ class AsyncJobStore:
     async def page(
         self, owner: str, state: str | None, offset: int, limit: int
     ) -> tuple[list[JobRecord], int]:
-        index = self.keys.owner_jobs(owner, state)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zcard(index)
-        pipe.zrevrange(index, offset, offset + limit - 1)
-        total, ids = await pipe.execute()
+        ids, total = await newest_first(
+            self.redis, self.keys.owner_jobs(owner, state), offset, limit
+        )
         if not ids:
             return [], total
         pipe = self.redis.pipeline(transaction=False)

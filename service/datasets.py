@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mtl.errors import DataError
+from service.async_store import newest_first
 from service.keys import Keys
 from service.records import DatasetRecord
 
@@ -109,11 +110,7 @@ class AsyncDatasetStore:
         return DatasetRecord.model_validate_json(raw[1])
 
     async def page(self, owner: str, offset: int, limit: int) -> tuple[list[DatasetRecord], int]:
-        index = self.keys.owner_datasets(owner)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zcard(index)
-        pipe.zrevrange(index, offset, offset + limit - 1)
-        total, ids = await pipe.execute()
+        ids, total = await newest_first(self.redis, self.keys.owner_datasets(owner), offset, limit)
         if not ids:
             return [], total
         pipe = self.redis.pipeline(transaction=False)
