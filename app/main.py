@@ -135,10 +135,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(health.router)
-    app.include_router(jobs.router, prefix="/v1")
-    app.include_router(configs.router, prefix="/v1")
+    # each router's prefix carries /v1 itself: its routes' paths (the Prometheus `route`
+    # label) are then the URLs' templates
+    app.include_router(jobs.router)
+    app.include_router(configs.router)
     app.include_router(
-        datasets.router, prefix="/v1", max_body_size=settings.max_upload_bytes + 64 * 1024
+        datasets.router, max_body_size=settings.max_upload_bytes + 64 * 1024
     )
     app.include_router(dashboard.router)
     app.include_router(docs.router)

@@ -371,7 +371,7 @@ def bench_overhead(redis_url: str, steps: int, repeats: int, workdir: Path) -> d
     from mtl.callbacks import Callback, TrainControl, TrainState
     from mtl.config import TrainConfig
     from mtl.trainer import train
-    from service.async_store import AsyncJobStore
+    from service.async_store import AsyncJobStore, NewJob
     from service.keys import Keys
     from service.settings import Settings
     from service.store import BeginOutcome, JobStore, Lease
@@ -411,7 +411,12 @@ def bench_overhead(redis_url: str, steps: int, repeats: int, workdir: Path) -> d
             ac = aioredis.Redis.from_url(redis_url, decode_responses=True)
             try:
                 created = await AsyncJobStore(ac, keys).create(
-                    owner="bench", name=None, config_json=config.model_dump_json(), max_attempts=1
+                    NewJob(
+                        owner="bench",
+                        name=None,
+                        config_json=config.model_dump_json(),
+                        max_attempts=1,
+                    )
                 )
             finally:
                 await ac.aclose()

@@ -11,7 +11,8 @@ against a superseded attempt writing into a job directory that another attempt n
 Metric payloads are plain JSON-serialisable dicts::
 
     on_log       {"tasks": {task: {"loss", "accuracy"}}, "weights": {task: w}, "lr": float,
-                  "grad_cosine": {"a|b": c} (only on sampled steps), "loss": float}
+                  "grad_cosine": {"a|b": c} (only on sampled steps), "loss": float,
+                  "skipped_steps": steps skipped so far for a non-finite loss}
     on_evaluate  {"split": "validation"|"test", "tasks": {task: {"loss", "accuracy",
                   "macro_f1", "weighted_f1", "per_class": {label: {precision, recall, f1,
                   support}}, "confusion_matrix": [[...]], "labels": [...]}}, "mean": {...}}
@@ -49,7 +50,8 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # non-finite steps skipped in a row (reset by a good step)
+    skipped_total: int = 0  # every step skipped for a non-finite loss (`nonfinite_loss: skip`)
     stop_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

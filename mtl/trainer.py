@@ -317,6 +317,7 @@ class Trainer:
         if not all_finite:
             self.optimizer.zero_grad(set_to_none=True)
             state.skipped_steps += 1
+            state.skipped_total += 1
             if cfg.nonfinite_loss == "stop" or state.skipped_steps > MAX_SKIPPED_IN_A_ROW:
                 raise TrainingError(
                     f"the training loss became non-finite (NaN or inf) at step {state.step + 1}"
@@ -434,6 +435,7 @@ class Trainer:
         metrics = self.stats.flush()
         metrics["weights"] = self.weighting.current_weights()
         metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["skipped_steps"] = state.skipped_total
         if self._pending_cosine is not None:
             metrics["grad_cosine"] = self._pending_cosine
             self._pending_cosine = None

@@ -15,7 +15,7 @@ from typing import Any
 from service.keys import Keys
 from service.records import JobRecord, JobState
 from service.scripts import lua
-from service.store import new_job_id
+from service.store import Created, CreateOutcome, NewJob
 
 __all__ = [
     "AsyncJobStore",
@@ -25,24 +25,9 @@ __all__ = [
     "Created",
     "DeleteOutcome",
     "Deleted",
+    "NewJob",
     "newest_first",
 ]
-
-
-class CreateOutcome(StrEnum):
-    CREATED = "created"
-    EXISTING = "existing"  # the Idempotency-Key named an earlier job: that job
-    CONFLICT = "conflict"  # the Idempotency-Key was used with another request
-    LIMITED = "limited"  # the owner has its limit of queued, running and cancelling jobs
-
-
-@dataclass(frozen=True)
-class Created:
-    outcome: CreateOutcome
-    job_id: str | None = None  # created or existing
-    record: JobRecord | None = None  # None also when an existing job was deleted since
-    position: int | None = None  # in the queue, 1 = next (while queued)
-    active: int | None = None  # limited: how many active jobs the owner has
 
 
 class CancelOutcome(StrEnum):
@@ -100,41 +85,11 @@ class AsyncJobStore:
         self._cancel = redis.register_script(lua("cancel"))
         self._delete = redis.register_script(lua("delete"))
 
-    async def create(
-        self,
-        *,
-        owner: str,
-        name: str | None,
-        config_json: str,
-        max_attempts: int,
-        idempotency_key: str | None = None,
-        fingerprint: str = "",
-        max_active: int = 0,
-    ) -> Created:
+    async def create(self, request: NewJob) -> Created:
         """Create a queued job in one round trip (see `Created`). A replay of an
         Idempotency-Key is answered before the owner's limit of active jobs is checked."""
-        k = self.keys
-        job_id = new_job_id()
-        now = time.time()
-        idem = k.idempotency(owner, idempotency_key) if idempotency_key else k.job(job_id)
-        status, found, flat, rank = await self._create(
-            keys=[k.job(job_id), k.config(job_id), k.events(job_id), k.queued, k.queue_seq,
-                  k.owner_jobs(owner), idem],
-            args=[job_id, owner, name or "", config_json, now, max_attempts, fingerprint,
-                  self.idem_ttl, self.maxlen, int(now * 1000),
-                  "1" if idempotency_key else "0", k.owner_jobs_prefix(owner),
-                  k.job(""), max_active],
-        )  # fmt: skip
-        outcome = CreateOutcome(status)
-        if outcome is CreateOutcome.LIMITED:
-            return Created(outcome, active=int(found))
-        if outcome is CreateOutcome.CONFLICT:
-            return Created(outcome, job_id=found)
-        record = (
-            JobRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
-        )
-        position = int(rank) + 1 if int(rank) >= 0 else None
-        return Created(outcome, job_id=found, record=record, position=position)
+        keys, args = request.script_call(self.keys, self.maxlen, self.idem_ttl)
+        return request.result(await self._create(keys=keys, args=args))
 
     async def mark_published(self, job_id: str, attempt: int) -> None:
         await self.redis.hset(self.keys.job(job_id), "published", attempt)

@@ -39,8 +39,11 @@ from service.scripts import lua
 __all__ = [
     "BeginOutcome",
     "Begun",
+    "CreateOutcome",
+    "Created",
     "JobStore",
     "Lease",
+    "NewJob",
     "ReapOutcome",
     "Reaped",
     "Renewal",
@@ -119,6 +122,65 @@ class Reaped:
     attempt: int | None = None  # the next attempt (requeued)
 
 
+class CreateOutcome(StrEnum):
+    CREATED = "created"
+    EXISTING = "existing"  # the idempotency key named an earlier job: that job
+    CONFLICT = "conflict"  # the idempotency key was used with another request
+    LIMITED = "limited"  # the owner has its limit of queued, running and cancelling jobs
+
+
+@dataclass(frozen=True)
+class Created:
+    outcome: CreateOutcome
+    job_id: str | None = None  # created or existing
+    record: JobRecord | None = None  # None also when an existing job was deleted since
+    position: int | None = None  # in the queue, 1 = next (while queued)
+    active: int | None = None  # limited: how many active jobs the owner has
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to create (`create.lua`): by the API for a request, by a study's driver for a
+    trial. `idempotency_key` is the full Redis key that makes a repeat return the same job."""
+
+    owner: str
+    name: str | None
+    config_json: str
+    max_attempts: int
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+    max_active: int = 0  # the owner's limit of active jobs (0: none)
+    fields: Mapping[str, Any] = field(default_factory=dict)  # more record fields
+    idempotency_ttl_s: int | None = None  # default: the store's
+
+    def script_call(self, keys: Keys, maxlen: int, idem_ttl: int) -> tuple[list[str], list[Any]]:
+        job_id = new_job_id()
+        now = time.time()
+        idem = self.idempotency_key or keys.job(job_id)
+        return (
+            [keys.job(job_id), keys.config(job_id), keys.events(job_id), keys.queued,
+             keys.queue_seq, keys.owner_jobs(self.owner), idem],
+            [job_id, self.owner, self.name or "", self.config_json, now, self.max_attempts,
+             self.fingerprint, self.idempotency_ttl_s or idem_ttl, maxlen, int(now * 1000),
+             "1" if self.idempotency_key else "0", keys.owner_jobs_prefix(self.owner),
+             keys.job(""), self.max_active, *flatten(self.fields)],
+        )  # fmt: skip
+
+    @staticmethod
+    def result(reply: list[Any]) -> Created:
+        status, found, flat, rank = reply
+        outcome = CreateOutcome(status)
+        if outcome is CreateOutcome.LIMITED:
+            return Created(outcome, active=int(found))
+        if outcome is CreateOutcome.CONFLICT:
+            return Created(outcome, job_id=found)
+        record = (
+            JobRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
+        )
+        position = int(rank) + 1 if int(rank) >= 0 else None
+        return Created(outcome, job_id=found, record=record, position=position)
+
+
 # --------------------------------------------------------------------------------- sync store
 
 
@@ -143,6 +205,9 @@ class JobStore:
         self._resume = redis.register_script(lua("resume"))
         self._finish = redis.register_script(lua("finish"))
         self._reap = redis.register_script(lua("reap"))
+        self._create = redis.register_script(lua("create"))
+        self._cancel = redis.register_script(lua("cancel"))
+        self.idem_ttl = 30 * 24 * 3600
 
     def _owner_prefix(self, job_id: str) -> str:
         owner = self.redis.hget(self.keys.job(job_id), "owner") or "anonymous"
@@ -155,6 +220,27 @@ class JobStore:
 
     def load_config(self, job_id: str) -> str | None:
         return self.redis.get(self.keys.config(job_id))
+
+    # -- jobs a worker creates and cancels (a study's trials)
+    def create(self, request: NewJob) -> Created:
+        keys, args = request.script_call(self.keys, self.maxlen, self.idem_ttl)
+        return request.result(self._create(keys=keys, args=args))
+
+    def cancel(self, job_id: str) -> JobState | None:
+        """Cancel a job (see `service.async_store.AsyncJobStore.cancel`); its state after."""
+        k = self.keys
+        owner = self.redis.hget(k.job(job_id), "owner") or "anonymous"
+        status, _ = self._cancel(
+            keys=[k.job(job_id), k.queued, k.events(job_id)],
+            args=[job_id, time.time(), self.maxlen, self.stream_ttl, k.owner_jobs_prefix(owner)],
+        )
+        return JobState(status) if status in set(JobState) else None
+
+    def metric_history(self, job_id: str) -> list[Event]:
+        return [
+            Event.model_validate_json(m)
+            for m in self.redis.zrange(self.keys.metrics(job_id), 0, -1)
+        ]
 
     # -- one attempt
     def begin(self, lease: Lease, lease_ms: int) -> Begun:

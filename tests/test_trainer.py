@@ -467,6 +467,9 @@ def test_nonfinite_skip_skips_one_bad_step_and_goes_on(make_config: Any, tmp_pat
     assert "task_a" not in rec.logs[4]["tasks"]  # nothing counted from the NaN step
     assert all(math.isfinite(rec.logs[s]["loss"]) for s in rec.logs if s != 4)
     assert val_accuracy(result)["task_a"] > 0.5
+    # the skip is reported: every log from step 4 on counts it (a total, not in a row)
+    assert [rec.logs[s]["skipped_steps"] for s in sorted(rec.logs)] == [0] * 3 + [1] * 13
+    assert result.state.skipped_total == 1
 
 
 def test_nonfinite_skip_gives_up_after_ten_in_a_row(make_config: Any, tmp_path: Path) -> None:

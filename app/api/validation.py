@@ -22,6 +22,7 @@ from app.api.schemas import JobCreate
 from app.core.errors import Invalid
 from mtl.config import FileData, TrainConfig
 from mtl.errors import DataError
+from service.configs import parse_strict
 from service.datasets import AsyncDatasetStore, parse_source, resolver
 from service.settings import Settings
 
@@ -32,17 +33,6 @@ __all__ = [
     "parse_job_body",
     "strict_job_body",
 ]
-
-
-def _integral(value: Any) -> Any:
-    """JSON numbers without a fractional part as ints (JSON Schema counts 3.0 as an integer)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -87,7 +77,7 @@ def strict_job_body(data: Any) -> JobCreate:
     converted (a number without a fractional part counts as an integer, as in JSON Schema).
     Errors have FastAPI's shape (`detail[].loc` starts with "body")."""
     try:
-        return JobCreate.model_validate_json(json.dumps(_integral(data)), strict=True)
+        return parse_strict(JobCreate, data)
     except ValidationError as exc:
         errors = [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
         raise RequestValidationError(errors) from None

@@ -1,6 +1,7 @@
 -- KEYS: job, config, events, queued, queue_seq, owner_jobs, idem
 -- ARGV: id, owner, name, config_json, now, max_attempts, fingerprint, idem_ttl, maxlen,
--- created_ms, use_idem, owner_prefix, job key prefix, max_active (0: no limit)
+-- created_ms, use_idem, owner_prefix, job key prefix, max_active (0: no limit),
+-- then field/value pairs written to the new record (e.g. study_id, trial)
 -- requires: lib.lua (set_state, state_event)
 local function answer(status, id)
   local job_key = ARGV[13] .. id
@@ -34,6 +35,7 @@ if ARGV[11] == '1' then
   redis.call('HSET', KEYS[1], 'idem_key', KEYS[7])
   redis.call('SET', KEYS[7], ARGV[1] .. ' ' .. ARGV[7], 'EX', ARGV[8])
 end
+for i = 15, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('SET', KEYS[2], ARGV[4])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 redis.call('ZADD', KEYS[6], ARGV[10], ARGV[1])

@@ -34,6 +34,7 @@ import pytest
 import redis
 
 from service.keys import Keys
+from service.queue import message_attempt
 from tests.service.conftest import (
     DUMMY,
     PREFIX,
@@ -95,6 +96,43 @@ def running_attempt(db: redis.Redis, job_id: str, attempt: int, timeout: float =
         return None
 
     return wait_until(check, f"attempt {attempt} of {job_id} to run", timeout)
+
+
+def broker_messages(db: redis.Redis, queue_key: str) -> list[tuple[str, int] | None]:
+    """The `(job_id, attempt)` of each message waiting on a broker queue, oldest first."""
+    return [message_attempt(raw) for raw in reversed(db.lrange(queue_key, 0, -1))]
+
+
+def maintenance_passes(
+    db: redis.Redis,
+    pid: int,
+    log_text: Callable[[], str],
+    passes: int = 2,
+    timeout: float = 30,
+) -> None:
+    """Wait until the maintenance thread (heartbeat, reaper, lost-message check) of the worker
+    whose main process is `pid` has run `passes` whole passes that began after this call.
+    Each pass writes the heartbeat first, then reaps: `passes + 1` new heartbeats enclose
+    `passes` complete reaper passes. None of them may have failed (`log_text`: its log).
+    `db` decodes responses."""
+    suffix = f":{pid}"
+    beats = [time.time() * 1000]
+    log_before = len(log_text())
+
+    def advanced() -> bool:
+        for member, score in db.zrange(REDIS_KEYS.workers, 0, -1, withscores=True):
+            if member.endswith(suffix) and score > beats[-1]:
+                beats.append(score)
+        return len(beats) > passes + 1
+
+    wait_until(advanced, f"{passes} maintenance passes of worker {pid}", timeout, 0.05)
+    assert "maintenance pass failed" not in log_text()[log_before:]
+
+
+def worker_passes(db: redis.Redis, worker: WorkerHandle, passes: int = 2) -> None:
+    """`maintenance_passes` of a running `WorkerHandle`."""
+    assert worker.process is not None and worker.process.poll() is None
+    maintenance_passes(db, worker.process.pid, worker.log_text, passes)
 
 
 RESUMED_ONCE = [(1, "queued"), (1, "running"), (2, "queued"), (2, "running"), (2, "succeeded")]
@@ -265,7 +303,7 @@ def test_training_child_sigkill_resumes_on_the_same_worker(
 
 
 def test_worker_main_sigkill_resumes_and_strands_no_queued_job(
-    client: httpx.Client, db: redis.Redis, healthy_worker: WorkerHandle
+    client: httpx.Client, db: redis.Redis, service_env: dict[str, str], healthy_worker: WorkerHandle
 ) -> None:
     """SIGKILL to the worker's main process only: its training child dies with it
     (PR_SET_PDEATHSIG), nobody renews the lease, and the next worker's reaper re-queues the
@@ -277,15 +315,25 @@ def test_worker_main_sigkill_resumes_and_strands_no_queued_job(
     child = running_attempt(db, running_id, 1)
     queued_id = submit(client, DUMMY)["id"]
     wait_checkpoint(client, running_id, at_least=every, past=5)
-    time.sleep(0.3)  # the worker has had every chance to reserve the queued job's message
+    # the queued job's message waits on the broker while the busy worker's main process (the
+    # one that would reserve it) goes on: it has had every chance to reserve the message
+    queue_key = REDIS_KEYS.broker_queue(service_env["MTL_QUEUE_NAME"])
+    waiting = [(queued_id, 1)]
+    wait_until(lambda: broker_messages(db, queue_key) == waiting, "the message on the broker", 10)
+    worker_passes(db, worker)
     main = worker.process
     assert main is not None
     os.kill(main.pid, signal.SIGKILL)
     main.wait(timeout=10)
     wait_until(lambda: not alive(child), "the training child to die with its parent", 10)
-    # nobody has noticed: no worker, no reaper
+    # nobody has noticed: no worker, no reaper; the message was never reserved, so it is
+    # still waiting on the queue (not in kombu's `unacked` hash, where it would sit for
+    # `visibility_timeout`)
     assert client.get(f"/v1/jobs/{running_id}").json()["state"] == "running"
     assert client.get(f"/v1/jobs/{queued_id}").json()["state"] == "queued"
+    assert broker_messages(db, queue_key) == waiting
+    unacked = db.hvals(REDIS_KEYS.broker_unacked)
+    assert (queued_id, 1) not in [message_attempt(raw) for raw in unacked], unacked
 
     worker.start()
     _, events = finished_as_attempt_2(client, running_id, total, worker)
@@ -312,8 +360,15 @@ def test_a_lost_message_is_found_and_its_job_runs(
     db.delete(queue_key)  # lost
     client.post(f"/v1/jobs/{blocker}/cancel")
     assert wait_for(client, blocker, TERMINAL, timeout=30)["state"] == "cancelled"
-    time.sleep(2)  # the worker is idle; nothing is left to tell it about the queued job
-    assert client.get(f"/v1/jobs/{queued_id}").json()["state"] == "queued"
+    # the worker is free, and a job submitted after the lost one runs and ends: had the lost
+    # job's message been on the (FIFO) queue, the worker would have taken it first
+    probe = copy.deepcopy(DUMMY)
+    probe["epochs"], probe["data"]["num_samples"] = 1, 64
+    probe_id = submit(client, probe)["id"]
+    assert wait_for(client, probe_id, TERMINAL, timeout=60)["state"] == "succeeded"
+    lost = client.get(f"/v1/jobs/{queued_id}").json()
+    assert lost["state"] == "queued" and lost["started_at"] is None, lost
+    assert "its message is lost" not in healthy_worker.log_text()  # not yet: 30 s grace
 
     final = wait_for(client, queued_id, TERMINAL, timeout=120)
     assert final["state"] == "succeeded", final
@@ -658,7 +713,10 @@ def test_deterministic_failures_fail_once_with_their_reason(
     assert crashed["error"].startswith("internal error: FileExistsError: "), crashed["error"]
     assert str(blocked) in crashed["error"]
 
-    time.sleep(4)  # more than a lease and several reaper passes: nothing comes back
+    # their leases are gone and the reaper has made passes since: nothing comes back
+    leases = [REDIS_KEYS.lease(j) for j in (bad_data_id, crash_id)]
+    wait_until(lambda: not db.exists(*leases), "the leases to go", 10)
+    worker_passes(db, healthy_worker)
     for job_id, job in ((bad_data_id, bad), (crash_id, crashed)):
         now = client.get(f"/v1/jobs/{job_id}").json()
         assert (now["state"], now["attempt"], now["restarts"]) == ("failed", 1, 0)
@@ -764,7 +822,9 @@ def test_killed_every_time_stops_after_the_restart_budget(
         "the worker running attempt 4 was lost (its lease expired) and the restart budget "
         "of 3 restarts is spent"
     )
-    time.sleep(4)  # a lease and several reaper passes later: still failed, nothing running
+    # its lease is gone and the reaper has made passes since: still failed, nothing running
+    assert not db.exists(REDIS_KEYS.lease(job_id))
+    worker_passes(db, healthy_worker)
     again = client.get(f"/v1/jobs/{job_id}").json()
     assert (again["state"], again["attempt"]) == ("failed", 4)
     assert not db.sismember(REDIS_KEYS.active, job_id)
@@ -805,13 +865,16 @@ def test_cancel_queued_running_finished_and_twice(
     r = client.post(f"/v1/jobs/{running_id}/cancel")
     assert (r.status_code, r.json()["state"]) == (202, "cancelled")
 
-    queued = client.get(f"/v1/jobs/{queued_id}").json()
-    assert queued["state"] == "cancelled" and queued["started_at"] is None
-    assert queued["error"] == "cancelled before it started"
-
     # finished jobs: 409 with the state, every time
     ok_id = submit(client, DUMMY)["id"]
     assert wait_for(client, ok_id, TERMINAL)["state"] == "succeeded"
+    # the cancelled job's message was ahead of this one's on the queue: the worker has taken
+    # it by now, and refused it
+    refused = f"job {queued_id} attempt 1 not started: not-queued cancelled"
+    assert refused in healthy_worker.log_text()
+    queued = client.get(f"/v1/jobs/{queued_id}").json()
+    assert queued["state"] == "cancelled" and queued["started_at"] is None
+    assert queued["error"] == "cancelled before it started"
     bad_id = submit(client, _overflowing("stop"))["id"]  # fails: its loss overflows
     assert wait_for(client, bad_id, TERMINAL)["state"] == "failed"
     for job_id, state in ((ok_id, "succeeded"), (bad_id, "failed")):
@@ -873,3 +936,20 @@ def test_nonfinite_loss_stops_the_job_or_is_skipped(
     assert skipped["progress"]["step"] == 120 > bad_step and skipped["attempt"] == 1
     for task in ("task_a", "task_b"):
         assert skipped["final_metrics"]["validation"]["tasks"][task]["loss"] < 1e30
+
+    # Every train log reports how many steps were skipped so far (`data.skipped_steps`). The
+    # count agrees with the logged learning rate: the linear schedule (1e-4 down to 0 over 120
+    # steps, no warm-up) moves only on steps that updated the weights, so the lr logged at step
+    # s says how many of the s steps were skipped. And the logged train loss leaves them out.
+    history = client.get(f"/v1/jobs/{skip_id}/metrics", params={"split": "train"}).json()
+    logs = history["items"]
+    assert [m["step"] for m in logs] == list(range(5, 121, 5))
+    skipped_by = {m["step"]: m["step"] - round(120 * (1 - m["data"]["lr"] / 1e-4)) for m in logs}
+    assert {m["step"]: m["data"]["skipped_steps"] for m in logs} == skipped_by
+    assert all(n == 0 for step, n in skipped_by.items() if step < bad_step), skipped_by
+    first_after = min(step for step in skipped_by if step >= bad_step)
+    assert skipped_by[first_after] >= 1, skipped_by  # the step that stopped the other job
+    counts = list(skipped_by.values())
+    assert counts == sorted(counts), skipped_by  # a count: it never goes back
+    assert 1 <= counts[-1] <= 12, skipped_by  # about one step in 25 overflows
+    assert all(m["data"]["loss"] < 1e30 for m in logs), [m["data"]["loss"] for m in logs]

@@ -48,6 +48,7 @@ from tests.service.test_faults import (
     TERMINAL,
     alive,
     check_each_step_once,
+    maintenance_passes,
     running_attempt,
     state_events,
     wait_checkpoint,
@@ -470,7 +471,11 @@ def test_disk_full_on_checkpoint_fails_cleanly_and_keeps_the_old_checkpoint(
         events, _ = read_sse(sc, job_id)
         assert state_events(events) == [(1, "queued"), (1, "running"), (1, "failed")]
         assert events[-2]["data"]["data"]["reason"] == failed["error"]
-        time.sleep(1.5)  # a few reaper passes: it stays failed, nothing re-runs it
+        # its lease is gone and this worker's reaper has made passes since: it stays failed,
+        # nothing re-runs it
+        assert not db.exists(REDIS_KEYS.lease(job_id))
+        log_path = tmp_path / "worker.log"
+        maintenance_passes(db, proc.pid, lambda: log_path.read_text("utf-8", "replace"))
         assert sc.get(f"/v1/jobs/{job_id}").json()["state"] == "failed"
         assert proc.poll() is None and alive(proc.pid)  # the worker itself is fine
         leftovers = sorted(p.name for p in ckpt.iterdir() if p.name.startswith(".tmp"))

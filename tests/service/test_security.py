@@ -462,7 +462,7 @@ def test_the_job_limit_is_atomic(redis_server: RedisServer) -> None:
     exactly 5 jobs."""
     import redis.asyncio as aioredis
 
-    from service.async_store import AsyncJobStore
+    from service.async_store import AsyncJobStore, NewJob
 
     keys = Keys("atomic" + str(os.getpid()))
 
@@ -473,7 +473,13 @@ def test_the_job_limit_is_atomic(redis_server: RedisServer) -> None:
             results = await asyncio.gather(
                 *(
                     store.create(
-                        owner="alice", name=None, config_json="{}", max_attempts=1, max_active=5
+                        NewJob(
+                            owner="alice",
+                            name=None,
+                            config_json="{}",
+                            max_attempts=1,
+                            max_active=5,
+                        )
                     )
                     for _ in range(50)
                 )

@@ -21,7 +21,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from service.async_store import AsyncJobStore, Cancelled, CancelOutcome, CreateOutcome
+from service.async_store import AsyncJobStore, Cancelled, CancelOutcome, CreateOutcome, NewJob
 from service.embedded import RedisServer
 from service.keys import Keys
 from service.records import Event, JobState
@@ -60,12 +60,17 @@ def run(coro_fn: Any, url: str) -> Any:
 
 def create(url: str, max_attempts: int = 4, **kw: Any) -> tuple[str, str]:
     async def go(s: AsyncJobStore) -> tuple[str, str]:
+        owner = kw.pop("owner", "alice")
+        key = kw.pop("idempotency_key", None)
         created = await s.create(
-            owner=kw.pop("owner", "alice"),
-            name=None,
-            config_json="{}",
-            max_attempts=max_attempts,
-            **kw,
+            NewJob(
+                owner=owner,
+                name=None,
+                config_json="{}",
+                max_attempts=max_attempts,
+                idempotency_key=s.keys.idempotency(owner, key) if key else None,
+                **kw,
+            )
         )
         assert created.job_id is not None
         if created.outcome is not CreateOutcome.CONFLICT:
@@ -339,15 +344,13 @@ def test_unconfirmed_messages_are_published_again(
     _, job_id = create(redis_server.url)  # written, never marked published (a crash)
     sent: list[tuple[str, int]] = []
     assert (
-        reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60).republished
-        == []
+        reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60).republished == []
     )  # too young: the API may still be publishing it
     sync_client.hset(Keys(PREFIX).job(job_id), "queued_at", time.time() - 120)
     done = reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60)
     assert done.republished == sent == [(job_id, 1)]
     assert (
-        reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60).republished
-        == []
+        reap_once(store, lambda j, a: sent.append((j, a)), republish_after_s=60).republished == []
     )  # marked published now
 
 

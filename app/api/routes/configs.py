@@ -17,7 +17,7 @@ from app.api.validation import job_body_openapi
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/configs", tags=["configs"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/v1/configs", tags=["configs"], responses=error_responses(401, 503))
 
 
 class Example(BaseModel):

@@ -18,7 +18,7 @@ from service.settings import Settings
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/datasets", tags=["datasets"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(401, 503))
 
 _SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json-lines": "jsonl"}
 _CHUNK = 1024 * 1024

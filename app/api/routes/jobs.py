@@ -48,7 +48,7 @@ from app.api.validation import job_body_openapi
 from app.core.errors import Conflict, Invalid, NotFound, TooManyJobs
 from app.core.events import HubRegistry, follow
 from mtl.errors import ModelError
-from service.async_store import CancelOutcome, CreateOutcome, DeleteOutcome
+from service.async_store import CancelOutcome, CreateOutcome, DeleteOutcome, NewJob
 from service.queue import enqueue
 from service.records import Event, EventType, JobRecord, JobState
 from service.settings import Settings
@@ -57,7 +57,7 @@ __all__ = ["router"]
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 503))
 
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -197,13 +197,15 @@ async def submit_job(
     """
     key = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
     created = await jobs.create(
-        owner=owner,
-        name=body.name,
-        config_json=body.model_dump_json(exclude={"name"}),
-        max_attempts=settings.max_restarts + 1,
-        idempotency_key=key,
-        fingerprint=_fingerprint(body),
-        max_active=settings.max_active_jobs_per_key,
+        NewJob(
+            owner=owner,
+            name=body.name,
+            config_json=body.model_dump_json(exclude={"name"}),
+            max_attempts=settings.max_restarts + 1,
+            idempotency_key=jobs.keys.idempotency(owner, key) if key else None,
+            fingerprint=_fingerprint(body),
+            max_active=settings.max_active_jobs_per_key,
+        )
     )
     if created.outcome is CreateOutcome.CONFLICT:
         raise Conflict("this Idempotency-Key was already used for a different request")
