@@ -18,7 +18,7 @@ import mtl
 from app.api.deps import KeyGate
 from app.api.errors import install_error_handlers
 from app.api.openapi import install_openapi
-from app.api.routes import configs, dashboard, datasets, docs, health, jobs
+from app.api.routes import configs, dashboard, datasets, docs, health, jobs, studies
 from app.core.events import HubRegistry
 from app.core.metrics import ServiceMetrics
 from app.core.predictors import PredictorCache
@@ -27,6 +27,7 @@ from service.datasets import AsyncDatasetStore
 from service.keys import Keys
 from service.queue import make_celery
 from service.settings import Settings, get_settings
+from service.studies.store import AsyncStudyStore
 
 __all__ = ["create_app"]
 
@@ -85,10 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.datasets = AsyncDatasetStore(client, keys, settings.data_dir)
         # The hub's blocking XREAD must return well within the socket timeout; subscribers
         # keep their own keep-alive timers.
-        app.state.hubs = HubRegistry(
-            app.state.jobs,
-            block_ms=int(min(settings.sse_keepalive_s, 2.0, settings.redis_timeout_s / 2) * 1000),
-        )
+        block_ms = int(min(settings.sse_keepalive_s, 2.0, settings.redis_timeout_s / 2) * 1000)
+        app.state.hubs = HubRegistry(app.state.jobs, block_ms=block_ms)
+        app.state.studies = AsyncStudyStore(client, keys)
+        app.state.study_hubs = HubRegistry(app.state.studies, block_ms=block_ms)
         app.state.celery = make_celery(settings)
         app.state.publisher = ThreadPoolExecutor(1, thread_name_prefix="publish")
         app.state.predictors = PredictorCache(settings.predictor_cache_size)
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await app.state.hubs.close()
+            await app.state.study_hubs.close()
             await client.aclose()
             app.state.publisher.shutdown(wait=True)
             app.state.celery.close()
@@ -139,9 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # label) are then the URLs' templates
     app.include_router(jobs.router)
     app.include_router(configs.router)
-    app.include_router(
-        datasets.router, max_body_size=settings.max_upload_bytes + 64 * 1024
-    )
+    app.include_router(studies.router)
+    app.include_router(datasets.router, max_body_size=settings.max_upload_bytes + 64 * 1024)
     app.include_router(dashboard.router)
     app.include_router(docs.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -23,6 +23,14 @@ Indexes::
     {p}:dataset:{id}        hash    an uploaded dataset's record
     {p}:owner:{o}:datasets  zset    the owner's dataset ids, score = upload time (ms)
     {p}:workers             zset    worker heartbeats, member = worker name, score = time (ms)
+    {p}:study:{id}          hash    a study: `owner`, `record` (StudyRecord JSON), `cancel`
+    {p}:study:{id}:trials   hash    trial number -> TrialRecord JSON
+    {p}:study:{id}:events   stream  the study's events (like a job's)
+    {p}:study:{id}:lock     string  the token of the worker driving the study (with a TTL)
+    {p}:study:{id}:optuna   prefix  Optuna's journal (`...:log_number`, `...:log:{n}`)
+    {p}:studies:active      set     studies not finished yet (what the drivers scan)
+    {p}:owner:{o}:studies   zset    the owner's study ids, score = creation time (ms)
+    {p}:studyjob:{id}:{key} string  idempotency of a trial's job (study id, trial, seed)
     {p}:proc:{host}:{pid}   string  "<job id> <attempt> <token>": the attempt a training process
                                     runs (set after `begin`, removed when it ends, at the
                                     start of a process reusing the pid, or by the parent)
@@ -104,6 +112,34 @@ class Keys:
 
     def owner_datasets(self, owner: str) -> str:
         return f"{self.prefix}:owner:{owner}:datasets"
+
+    # ----------------------------------------------------------------------------- studies
+    def study(self, study_id: str) -> str:
+        return f"{self.prefix}:study:{study_id}"
+
+    def study_trials(self, study_id: str) -> str:
+        return f"{self.prefix}:study:{study_id}:trials"
+
+    def study_events(self, study_id: str) -> str:
+        return f"{self.prefix}:study:{study_id}:events"
+
+    def study_lock(self, study_id: str) -> str:
+        return f"{self.prefix}:study:{study_id}:lock"
+
+    def study_optuna(self, study_id: str) -> str:
+        """The prefix of the study's Optuna journal keys."""
+        return f"{self.prefix}:study:{study_id}:optuna"
+
+    @property
+    def studies_active(self) -> str:
+        return f"{self.prefix}:studies:active"
+
+    def owner_studies(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:studies"
+
+    def study_job(self, study_id: str, key: str) -> str:
+        """The idempotency key of one of a study's jobs (`key`: trial and seed)."""
+        return f"{self.prefix}:studyjob:{study_id}:{key}"
 
     # ----------------------------------------------------------------------------- workers
     @property

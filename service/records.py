@@ -118,7 +118,7 @@ _FLOATS = (
 )  # fmt: skip
 _INTS = (
     "attempt", "max_attempts", "step", "total_steps", "epoch", "checkpoint_step", "restarts",
-    "published", "created_ms",
+    "published", "created_ms", "trial",
 )  # fmt: skip
 _JSON = ("latest", "best", "final_metrics")
 _FLAGS = ("cancel", "model")
@@ -146,6 +146,8 @@ class JobRecord(BaseModel):
     worker: str | None = Field(None, description="the lease token of the running attempt")
     published: int | None = Field(None, description="the attempt whose message was sent")
     idem_key: str | None = None
+    study_id: str | None = Field(None, description="the study this job is a trial of")
+    trial: int | None = Field(None, description="its trial number in that study")
     # progress
     step: int = 0
     total_steps: int | None = None

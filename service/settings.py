@@ -108,6 +108,13 @@ class Settings(BaseSettings):
         "up its lease and exits, and the job is re-queued as after a lost worker; 0: never",
     )
     reaper_interval_s: float = Field(default=5.0, gt=0)
+    study_poll_s: float = Field(
+        default=0.25,
+        gt=0,
+        le=10,
+        description="how often a worker's study driver looks at the active studies (the delay "
+        "between a trial's end and the next trial's launch)",
+    )
     heartbeat_s: float = Field(default=5.0, gt=0, description="worker heartbeat period")
     stream_maxlen: int = Field(
         default=10_000, ge=100, description="events kept per job (approximate)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
@@ -24,7 +25,8 @@ settings = get_settings()
 celery_app = make_celery(settings)
 celery_app.conf.include = ["worker.tasks"]
 
-_maintenance = None
+_maintenance: Any = None
+_studies: Any = None
 
 
 @worker_init.connect
@@ -55,17 +57,33 @@ def _forget_previous_attempt(**_: object) -> None:
 
 @worker_ready.connect
 def _start_maintenance(**_: object) -> None:
-    global _maintenance
+    """The reaper/heartbeat thread and the study driver, in the worker's main process."""
+    global _maintenance, _studies
+    from service.keys import Keys
+    from service.queue import enqueue
+    from service.studies.store import StudyStore
     from worker.reaper import Maintenance
     from worker.runner import make_store, sync_redis
+    from worker.studies import StudyDriver
 
     name = f"{socket.gethostname()}:{os.getpid()}"
     store = make_store(settings, sync_redis(settings))
     _maintenance = Maintenance(settings, store, celery_app, name)
     _maintenance.start()
+    client = sync_redis(settings)
+    _studies = StudyDriver(
+        settings,
+        make_store(settings, client),
+        StudyStore(client, Keys(settings.key_prefix), maxlen=settings.stream_maxlen,
+                   ttl_s=settings.stream_ttl_s),
+        lambda job_id, attempt: enqueue(celery_app, settings, job_id, attempt),
+        poll_s=settings.study_poll_s,
+    )  # fmt: skip
+    _studies.start()
 
 
 @worker_shutdown.connect
 def _stop_maintenance(**_: object) -> None:
-    if _maintenance is not None:
-        _maintenance.stop()
+    for thread in (_maintenance, _studies):
+        if thread is not None:
+            thread.stop()

@@ -1,8 +1,8 @@
 """The OpenAPI document: FastAPI's own, plus the schemas of bodies the app parses itself.
 
-A job body is parsed by a dependency (`app.api.validation`), strictly and once, so no route
-declares it as a parameter and FastAPI would not list its schema. It is added here, with every
-model it refers to, under `components/schemas` (the routes refer to it with `$ref`).
+A job or study body is parsed by a dependency (`app.api.validation`), strictly and once, so no
+route declares it as a parameter and FastAPI would not list its schema. Each is added here,
+with every model it refers to, under `components/schemas` (the routes refer to it with `$ref`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app.api.schemas import JobCreate
+from service.studies.spec import StudyCreate
 
 __all__ = ["install_openapi"]
 
 _REF = "#/components/schemas/{model}"
+
+#: the request bodies parsed by dependencies rather than by FastAPI
+BODIES = (JobCreate, StudyCreate)
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -30,10 +34,11 @@ def install_openapi(app: FastAPI) -> None:
                 routes=app.routes,
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            body = JobCreate.model_json_schema(ref_template=_REF, mode="validation")
-            for name, definition in body.pop("$defs", {}).items():
-                components.setdefault(name, definition)
-            components["JobCreate"] = body
+            for model in BODIES:
+                body = model.model_json_schema(ref_template=_REF, mode="validation")
+                for name, definition in body.pop("$defs", {}).items():
+                    components.setdefault(name, definition)
+                components[model.__name__] = body
             app.openapi_schema = schema
         return app.openapi_schema
 

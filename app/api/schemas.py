@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mtl.config import TrainConfig
 from service.records import BestScores, DatasetRecord, FinalScores, JobState, LatestScores
+from service.studies.records import StudyRecord, StudyState, TrialRecord
 
 __all__ = [
     "MAX_OFFSET",
@@ -25,6 +26,11 @@ __all__ = [
     "MetricsOut",
     "PredictIn",
     "PredictOut",
+    "StudyCancelOut",
+    "StudyDetail",
+    "StudyLinks",
+    "StudyList",
+    "StudyOut",
     "error_responses",
     "example_job",
 ]
@@ -148,6 +154,8 @@ class JobOut(BaseModel):
     cancel_requested: bool = False
     error: str | None = None
     has_model: bool = False
+    study_id: str | None = Field(None, description="the study this job is a trial of")
+    trial: int | None = Field(None, description="its trial number in that study")
     links: Links
 
 
@@ -194,3 +202,39 @@ class DatasetList(BaseModel):
     offset: int
     limit: int
     next: str | None = None
+
+
+# ------------------------------------------------------------------------------------ studies
+
+
+class StudyLinks(BaseModel):
+    self: str
+    events: str
+    cancel: str
+    model: str
+    predict: str
+
+
+class StudyOut(StudyRecord):
+    """A study: its state, budget, best trial and (once over) the multi-task verdict."""
+
+    links: StudyLinks
+
+
+class StudyDetail(StudyOut):
+    trials: list[TrialRecord] = Field(
+        description="the leaderboard: completed trials best first, then the others"
+    )
+
+
+class StudyList(BaseModel):
+    items: list[StudyOut]
+    total: int
+    offset: int
+    limit: int
+    next: str | None = None
+
+
+class StudyCancelOut(BaseModel):
+    id: str
+    state: StudyState

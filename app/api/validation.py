@@ -11,12 +11,12 @@ from __future__ import annotations
 import email.message
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from app.api.schemas import JobCreate
 from app.core.errors import Invalid
@@ -27,12 +27,16 @@ from service.datasets import AsyncDatasetStore, parse_source, resolver
 from service.settings import Settings
 
 __all__ = [
+    "body_openapi",
     "check_model_name",
     "check_sources",
     "job_body_openapi",
+    "parse_body",
     "parse_job_body",
-    "strict_job_body",
+    "strict_body",
 ]
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -47,9 +51,14 @@ def _is_json(content_type: str | None) -> bool:
 
 
 def parse_job_body(raw: bytes, content_type: str | None) -> JobCreate:
-    """The request body as a job, answered as FastAPI answers a body it parses itself: no body
-    or not JSON is a 422 at `body`, malformed JSON a 422 `json_invalid`, bytes that are not
-    text a 400."""
+    """The request body as a job (see `parse_body`)."""
+    return parse_body(JobCreate, raw, content_type)
+
+
+def parse_body(model: type[M], raw: bytes, content_type: str | None) -> M:
+    """The request body as `model`, strictly, answered as FastAPI answers a body it parses
+    itself: no body or not JSON is a 422 at `body`, malformed JSON a 422 `json_invalid`,
+    bytes that are not text a 400."""
     if not raw:
         raise RequestValidationError(
             [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
@@ -68,25 +77,30 @@ def parse_job_body(raw: bytes, content_type: str | None) -> JobCreate:
         ) from None  # fmt: skip
     except ValueError:  # not UTF-8/16/32
         raise HTTPException(400, "There was an error parsing the body") from None
-    return strict_job_body(data)
+    return strict_body(model, data)
 
 
-def strict_job_body(data: Any) -> JobCreate:
+def strict_body(model: type[M], data: Any) -> M:
     """The parsed body validated without type coercion: `"epochs": "3"`, `true` or `false` for
     a number, a number for a string are 422s, as the published schema says, instead of being
     converted (a number without a fractional part counts as an integer, as in JSON Schema).
     Errors have FastAPI's shape (`detail[].loc` starts with "body")."""
     try:
-        return parse_strict(JobCreate, data)
+        return parse_strict(model, data)
     except ValidationError as exc:
         errors = [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
         raise RequestValidationError(errors) from None
 
 
 def job_body_openapi(examples: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The `requestBody` of a route that takes a job (for `openapi_extra`); the app adds the
-    `JobCreate` schema to the components (`app.api.openapi`)."""
-    content: dict[str, Any] = {"schema": {"$ref": "#/components/schemas/JobCreate"}}
+    """The `requestBody` of a route that takes a job (for `openapi_extra`)."""
+    return body_openapi("JobCreate", examples)
+
+
+def body_openapi(schema: str, examples: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `requestBody` of a route whose body a dependency parses (for `openapi_extra`); the
+    app adds the model's schema to the components (`app.api.openapi`)."""
+    content: dict[str, Any] = {"schema": {"$ref": f"#/components/schemas/{schema}"}}
     if examples:
         content["examples"] = examples
     return {"requestBody": {"required": True, "content": {"application/json": content}}}

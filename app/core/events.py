@@ -21,11 +21,13 @@ import bisect
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, Protocol
 
-from service.async_store import AsyncJobStore
+from pydantic import BaseModel
+
 from service.records import TERMINAL_STATES, Event
 
-__all__ = ["HubRegistry", "JobHub", "parse_id"]
+__all__ = ["EventSource", "HubRegistry", "JobHub", "parse_id"]
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,35 @@ def parse_id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+class EventSource(Protocol):
+    """A stream of entries by id: a job's events (`AsyncJobStore`) or a study's
+    (`AsyncStudyStore`)."""
+
+    async def read_events(
+        self, id_: str, after: str, *, count: int = ..., block_ms: int | None = ...
+    ) -> list[Entry]: ...
+
+    async def last_event_id(self, id_: str) -> str | None: ...
+
+    async def state(self, id_: str) -> Any: ...
+
+
+class _StateChange(BaseModel):
+    """What the hub reads of a `state` entry: a job's (`service.records.Event`) or a study's
+    (`service.studies.store.StudyEvent`); both end in the same terminal states."""
+
+    data: dict[str, Any]
+
+
 def is_terminal(fields: dict[str, str]) -> bool:
     if fields.get("t") != "state":
         return False
-    return Event.model_validate_json(fields["e"]).data.get("state") in TERMINAL_STATES
+    return _StateChange.model_validate_json(fields["e"]).data.get("state") in TERMINAL_STATES
 
 
 class JobHub:
     def __init__(
-        self, store: AsyncJobStore, job_id: str, *, block_ms: int, buffer_size: int = 2000
+        self, store: EventSource, job_id: str, *, block_ms: int, buffer_size: int = 2000
     ) -> None:
         self.store = store
         self.job_id = job_id
@@ -109,7 +131,7 @@ class JobHub:
             del self.entries[:overflow]
 
     def _prune(self, resume: dict[str, str]) -> None:
-        """Mirror `service.store._RESUME`: drop older attempts' entries past the checkpoint."""
+        """Mirror `service/lua/resume.lua`: drop older attempts' entries past the checkpoint."""
         attempt = int(resume["a"])
         step = Event.model_validate_json(resume["e"]).data["from_step"]
         keep = [
@@ -155,7 +177,7 @@ class JobHub:
 class HubRegistry:
     """The hubs of one API process, by job id, shared while anyone subscribes."""
 
-    def __init__(self, store: AsyncJobStore, *, block_ms: int) -> None:
+    def __init__(self, store: EventSource, *, block_ms: int) -> None:
         self.store = store
         self.block_ms = block_ms
         self.hubs: dict[str, JobHub] = {}
@@ -186,7 +208,7 @@ class HubRegistry:
 
 
 async def follow(
-    hubs: HubRegistry, store: AsyncJobStore, job_id: str, cursor: str, keepalive_s: float
+    hubs: HubRegistry, store: EventSource, job_id: str, cursor: str, keepalive_s: float
 ) -> AsyncGenerator[Entry | None, None]:
     """The job's entries after `cursor`, live, until its terminal state event. Yields None
     when nothing happened for `keepalive_s` (time for a keep-alive comment) and ends after

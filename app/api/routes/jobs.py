@@ -9,10 +9,7 @@ import json
 import logging
 import re
 import shutil
-import tarfile
-import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -45,13 +42,12 @@ from app.api.schemas import (
     example_job,
 )
 from app.api.validation import job_body_openapi
-from app.core.errors import Conflict, Invalid, NotFound, TooManyJobs
+from app.core.errors import Conflict, NotFound, TooManyJobs
 from app.core.events import HubRegistry, follow
-from mtl.errors import ModelError
+from app.core.models import archive_dir, model_archive, predict_texts
 from service.async_store import CancelOutcome, CreateOutcome, DeleteOutcome, NewJob
 from service.queue import enqueue
 from service.records import Event, EventType, JobRecord, JobState
-from service.settings import Settings
 
 __all__ = ["router"]
 
@@ -107,40 +103,14 @@ def job_out(record: JobRecord, position: int | None = None) -> JobOut:
         cancel_requested=record.cancel,
         error=record.error,
         has_model=record.model,
+        study_id=record.study_id,
+        trial=record.trial,
         links=_links(record.id),
     )
 
 
 def _fingerprint(body: JobCreate) -> str:
     return hashlib.sha256(body.model_dump_json().encode()).hexdigest()[:32]
-
-
-def _model_dir(record: JobRecord, settings: Settings) -> Path:
-    if record.state is not JobState.SUCCEEDED:
-        raise Conflict(
-            f"job {record.id} is {record.state}: a model exists once it has succeeded",
-            record.state,
-        )
-    model_dir = settings.job_dir(record.id) / "model"
-    if not record.model or not (model_dir / "mtl.json").is_file():
-        raise NotFound(f"job {record.id} has no exported model")
-    return model_dir
-
-
-def _archive(model_dir: Path, target: Path, arcname: str) -> Path:
-    """model/ as a .tar.gz beside it (built once, atomically)."""
-    if target.is_file() and target.stat().st_mtime >= (model_dir / "mtl.json").stat().st_mtime:
-        return target
-    return _archive_dir(model_dir, target, arcname)
-
-
-def _archive_dir(folder: Path, target: Path, arcname: str) -> Path:
-    """`folder` as a .tar.gz at `target`, written atomically."""
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(folder, arcname=arcname)
-    tmp.replace(target)
-    return target
 
 
 # ------------------------------------------------------------------------------ routes
@@ -299,7 +269,7 @@ async def download_tensorboard(job: JobDep, settings: SettingsDep) -> FileRespon
     if not log_dir.is_dir():
         raise Conflict(f"job {job.id} has no TensorBoard files yet", job.state)
     target = settings.job_dir(job.id) / "tensorboard.tar.gz"
-    path = await anyio.to_thread.run_sync(_archive_dir, log_dir, target, "tensorboard")
+    path = await anyio.to_thread.run_sync(archive_dir, log_dir, target, "tensorboard")
     return FileResponse(
         path, media_type="application/gzip", filename=f"{job.id}-tensorboard.tar.gz"
     )
@@ -448,9 +418,7 @@ async def delete_job(
 async def download_model(job: JobDep, settings: SettingsDep) -> FileResponse:
     """A `model/` folder: the encoder (`transformers.AutoModel.from_pretrained`), tokenizer,
     `heads.safetensors` and `mtl.json` (tasks, labels, pooling)."""
-    model_dir = _model_dir(job, settings)
-    target = settings.job_dir(job.id) / "model.tar.gz"
-    path = await anyio.to_thread.run_sync(_archive, model_dir, target, "model")
+    path = await model_archive(job, settings)
     return FileResponse(path, media_type="application/gzip", filename=f"{job.id}-model.tar.gz")
 
 
@@ -471,16 +439,7 @@ async def predict(
     predictors: PredictorsDep,
 ) -> PredictOut:
     """Runs in the API process (threads), so it never waits behind training jobs."""
-    if len(body.texts) > settings.max_predict_texts:
-        raise Invalid(f"at most {settings.max_predict_texts} texts per call", ["body", "texts"])
-    for i, text in enumerate(body.texts):
-        if len(text) > settings.max_text_chars:
-            raise Invalid(f"longer than {settings.max_text_chars} characters", ["body", "texts", i])
-    model_dir = _model_dir(job, settings)
-    try:
-        predictions = await anyio.to_thread.run_sync(
-            predictors.predict, model_dir, body.texts, limiter=request.app.state.predict_limiter
-        )
-    except ModelError as exc:
-        raise Conflict(f"the model cannot be used: {exc}", job.state) from None
+    predictions = await predict_texts(
+        job, body.texts, settings, predictors, request.app.state.predict_limiter
+    )
     return PredictOut(job_id=job.id, predictions=predictions)
