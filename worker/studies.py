@@ -28,7 +28,6 @@ resume from the checkpoint).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -41,12 +40,6 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
 from optuna.trial import TrialState as OptunaState
 from pydantic import ValidationError
 
@@ -59,115 +52,26 @@ from service.studies.records import (
     TRIAL_FINAL,
     StudyRecord,
     StudyState,
-    TaskVerdict,
     TrialKind,
     TrialRecord,
     TrialState,
-    Verdict,
 )
 from service.studies.spec import (
-    Objective,
-    SearchParam,
     StudyCreate,
     objective_value,
     sampled_config,
 )
 from service.studies.store import StudyStore
 from worker.optuna_journal import journal_storage
+from worker.study_space import decode, distribution, make_pruner, make_sampler
+from worker.study_verdict import baseline_config, importances, job_report, verdict
 
-__all__ = ["StudyDriver", "job_report"]
+__all__ = ["StudyDriver"]
 
 log = logging.getLogger(__name__)
 
 BASELINE_FIRST = 1000  # baseline trials are numbered from here (search trials from 0)
 STUDY_JOB_TTL_S = 90 * 24 * 3600  # how long a trial's job stays findable by its key
-
-
-# --------------------------------------------------------------------------- search space
-
-
-def _primitive(values: list[Any]) -> bool:
-    return all(v is None or isinstance(v, bool | int | float | str) for v in values)
-
-
-def distribution(param: SearchParam) -> BaseDistribution:
-    if param.float is not None:
-        f = param.float
-        return FloatDistribution(f.low, f.high, log=f.log, step=f.step)
-    if param.int is not None:
-        i = param.int
-        return IntDistribution(i.low, i.high, log=i.log, step=i.step)
-    assert param.choice is not None
-    choices: list[Any] = (
-        list(param.choice) if _primitive(param.choice) else [json.dumps(c) for c in param.choice]
-    )
-    return CategoricalDistribution(choices)
-
-
-def decode(spec: StudyCreate, params: dict[str, Any]) -> dict[str, Any]:
-    """Optuna's params as config values (choices that are lists or objects travel as JSON)."""
-    out = dict(params)
-    for param in spec.search_space:
-        if param.choice is not None and not _primitive(param.choice) and param.path in out:
-            out[param.path] = json.loads(out[param.path])
-    return out
-
-
-def make_sampler(spec: StudyCreate) -> optuna.samplers.BaseSampler:
-    if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    if spec.sampler == "grid":
-        return _Grid({p.path: _grid(p) for p in spec.search_space}, seed=spec.seed)
-    startup = max(2, min(10, spec.budget.trials // 3))
-    return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup)
-
-
-class _Grid(optuna.samplers.GridSampler):
-    """Optuna's grid sampler, minus its `study.stop()` once the grid is covered: that call is
-    meant for `study.optimize` loops; here the driver ends the search (the budget is capped at
-    the grid's size on submit)."""
-
-    def after_trial(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def _grid(param: SearchParam) -> list[Any]:
-    if param.int is not None:
-        return list(range(param.int.low, param.int.high + 1, param.int.step))
-    assert param.choice is not None
-    dist = distribution(param)
-    assert isinstance(dist, CategoricalDistribution)
-    return list(dist.choices)
-
-
-def make_pruner(spec: StudyCreate) -> optuna.pruners.BasePruner:
-    if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    if spec.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
-    return optuna.pruners.NopPruner()
-
-
-# ------------------------------------------------------------------------------ job scores
-
-
-def job_report(jobs: JobStore, job_id: str, split: str) -> dict[str, Any] | None:
-    """The evaluation report of a job that stands for its exported model: on validation, the
-    last evaluation the trainer marked best (its monitor, with `min_delta`); on test, the test
-    evaluation of the exported model."""
-    evals = [
-        e.data
-        for e in jobs.metric_history(job_id)
-        if e.type == "evaluate" and e.data.get("split", "validation") == split
-    ]
-    if split == "validation":
-        best = [d for d in evals if (d.get("monitor") or {}).get("best")]
-        evals = best or evals
-    return evals[-1] if evals else None
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -331,7 +235,7 @@ class StudyDriver(threading.Thread):
                 )
                 return
             trial.values = [float(v) for v in values if v is not None]
-            trial.value = _mean(trial.values)
+            trial.value = statistics.fmean(trial.values)
             trial.spread = statistics.pstdev(trial.values) if len(trial.values) > 1 else None
             self._end_trial(study, spec, record, trial, TrialState.COMPLETE)
 
@@ -474,7 +378,7 @@ class StudyDriver(threading.Thread):
         elif not complete:
             self._set_state(record, StudyState.FAILED, "no trial completed")
         else:
-            record.importances = _importances(study)
+            record.importances = importances(study)
             baselines = spec.baselines
             if baselines.single_task or baselines.sum:
                 self._set_state(record, StudyState.BASELINES)
@@ -593,78 +497,6 @@ class StudyDriver(threading.Thread):
                 existing[name] = trial
         if not all(t.state in TRIAL_FINAL for t in existing.values()):
             return
-        record.verdict = self._verdict(
-            spec, record, trials | {t.number: t for t in existing.values()}
-        )
+        everything = trials | {t.number: t for t in existing.values()}
+        record.verdict = verdict(self.jobs, spec, record, everything)
         self._set_state(record, StudyState.SUCCEEDED)
-
-    def _verdict(
-        self, spec: StudyCreate, record: StudyRecord, trials: dict[int, TrialRecord]
-    ) -> Verdict:
-        best = trials[record.best_trial] if record.best_trial is not None else None
-        assert best is not None
-        split = "test" if job_report(self.jobs, best.jobs[0], "test") else "validation"
-        metric = spec.objective.metric
-        baselines = {t.baseline: t for t in trials.values() if t.kind is TrialKind.BASELINE}
-        names = sampled_config(spec, record.best_params or {}, None).task_names
-
-        def score(trial: TrialRecord | None, task: str) -> float | None:
-            if trial is None or trial.state is not TrialState.COMPLETE:
-                return None
-            labels = (spec.objective.labels or {}).get(task)
-            one = Objective(
-                metric=metric, tasks=[task], labels={task: labels} if labels else None,
-                direction=spec.objective.direction,
-            )  # fmt: skip
-            values = [
-                objective_value(job_report(self.jobs, job_id, split) or {}, one)
-                for job_id in trial.jobs
-            ]
-            return _mean([v for v in values if v is not None])
-
-        tasks: dict[str, TaskVerdict] = {}
-        gains = []
-        sign = 1.0 if spec.objective.maximize else -1.0
-        for task in names:
-            mt = score(best, task)
-            st = score(baselines.get(f"single:{task}"), task)
-            tasks[task] = TaskVerdict(
-                multi_task=mt,
-                single_task=st,
-                difference=None if mt is None or st is None else mt - st,
-                sum=score(baselines.get("sum"), task),
-            )
-            if mt is not None and st:
-                gains.append(sign * (mt - st) / st)
-        sum_trial = baselines.get("sum")
-        return Verdict(
-            split=split,
-            metric=metric,
-            tasks=tasks,
-            delta_mtl=100 * sum(gains) / len(gains) if gains and len(gains) == len(names) else None,
-            objective_best=record.best_value,
-            objective_sum=sum_trial.value if sum_trial is not None else None,
-        )
-
-
-def baseline_config(spec: StudyCreate, trial: TrialRecord, seed: int | None) -> TrainConfig:
-    """The best config as a baseline: one task alone (`single:<task>`), or all tasks with
-    plain `sum` weighting and no gradient strategy (`sum`)."""
-    config = sampled_config(spec, trial.params, seed)
-    data = config.model_dump(mode="json")
-    data["weighting"] = {"name": "sum"}
-    data["gradient"] = {"name": "none"}
-    if trial.baseline and trial.baseline.startswith("single:"):
-        task = trial.baseline.split(":", 1)[1]
-        data["tasks"] = [t for t in data["tasks"] if t["name"] == task]
-        scope, _, name = str(data.get("monitor", "mean/macro_f1")).partition("/")
-        if scope not in ("mean", task):
-            data["monitor"] = f"mean/{name}"
-    return TrainConfig.model_validate(data)
-
-
-def _importances(study: optuna.Study) -> dict[str, float] | None:
-    try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
-    except (RuntimeError, ValueError):  # too few complete trials, or nothing varied
-        return None
