@@ -9,6 +9,8 @@ replays its journal, which for a study of a few hundred trials takes millisecond
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 from optuna.storages.journal import JournalRedisBackend, JournalStorage
 
@@ -26,4 +28,6 @@ class NoSnapshotRedisJournal(JournalRedisBackend):
 
 
 def journal_storage(redis_url: str, prefix: str) -> optuna.storages.BaseStorage:
-    return JournalStorage(NoSnapshotRedisJournal(redis_url, prefix=prefix))
+    with warnings.catch_warnings():  # "JournalRedisBackend is experimental": known, pinned
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return JournalStorage(NoSnapshotRedisJournal(redis_url, prefix=prefix))

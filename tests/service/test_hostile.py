@@ -92,11 +92,13 @@ schema.app = FUZZ_APP
 
 #: operations whose bodies pass checks the schema cannot express (the model allow-list,
 #: datasets that must exist and parse, cross-field rules such as static weights naming every
-#: task): a schema-valid body may get a 422 there, so "valid data accepted" is not checked
+#: task, a study's base config and search paths): a schema-valid body may get a 422 there, so
+#: "valid data accepted" is not checked
 SEMANTIC_CHECKS = {
     ("POST", "/v1/jobs"),
     ("POST", "/v1/configs/validate"),
     ("POST", "/v1/datasets"),
+    ("POST", "/v1/studies"),
 }
 
 

@@ -478,3 +478,37 @@ def test_every_trial_runs_exactly_once_through_kills_and_restarts(study_stack: A
         assert len({(j["trial"]) for j in of_study}) == len(of_study)
         killed = c.get(f"/v1/jobs/{job_id}").json()
         assert killed["state"] == "succeeded" and killed["attempt"] == 2, killed
+
+
+def test_the_optuna_journal_is_json_and_never_pickled(redis_server: Any) -> None:
+    """Optuna's journal storage would save a pickled snapshot every so often; the service's
+    backend writes none and reads none, and a fresh process replays the journal instead."""
+    import optuna
+    import redis
+
+    from worker.optuna_journal import journal_storage
+
+    prefix = f"journaltest-{os.getpid()}"
+    storage = journal_storage(redis_server.url, prefix)
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for _ in range(120):  # past Optuna's snapshot interval
+        trial = study.ask(dist)
+        study.tell(trial, trial.params["x"])
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        keys = {k.decode() for k in client.scan_iter(match=f"{prefix}:*", count=1000)}
+        assert f"{prefix}:snapshot" not in keys
+        logs = [k for k in keys if k.startswith(f"{prefix}:log:")]
+        assert len(logs) > 240
+        for key in logs:
+            json.loads(client.get(key) or b"")  # JSON, every entry
+        replayed = optuna.load_study(
+            study_name="s", storage=journal_storage(redis_server.url, prefix)
+        )
+        assert len(replayed.trials) == 120
+        assert replayed.best_value == study.best_value
+    finally:
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            client.delete(key)
+        client.close()
