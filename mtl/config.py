@@ -200,6 +200,22 @@ class TaskData(_Strict):
     text_column: str | None = Field(None, description="defaults to data.text_column")
 
 
+class Folds(_Strict):
+    """K-fold cross-validation over train + validation: the two are pooled, shuffled with
+    `seed` and cut into `k` folds; fold `index` is the validation split, the others train.
+    A study scores a configuration as the mean over the k folds (`selection.kind: folds`)."""
+
+    k: int = Field(..., ge=2, le=20)
+    index: int = Field(0, ge=0, le=19)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    @model_validator(mode="after")
+    def _index(self) -> Folds:
+        if self.index >= self.k:
+            raise ValueError(f"index {self.index} is not one of the {self.k} folds")
+        return self
+
+
 class FileData(_Tagged):
     """Labelled text from CSV or JSONL files: a text column and one label column per task.
 
@@ -223,6 +239,15 @@ class FileData(_Tagged):
         description="how batches are drawn when tasks come from separate datasets",
     )
     temperature: float = Field(2.0, gt=0.0, le=100.0, description="for sampling=temperature")
+    folds: Folds | None = Field(
+        None, description="k-fold cross-validation over train + validation (see `Folds`)"
+    )
+
+    @model_validator(mode="after")
+    def _folds_or_fraction(self) -> FileData:
+        if self.folds is not None and self.validation_fraction > 0:
+            raise ValueError("give `folds` or `validation_fraction`, not both")
+        return self
 
 
 DataConfig = Annotated[DummyData | FileData, Field(discriminator="kind")]

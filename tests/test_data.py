@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from mtl.config import TrainConfig
 from mtl.data import (
@@ -619,3 +620,60 @@ def test_read_caps_jsonl_keys_and_value_length(tmp_path: Path) -> None:
     )
     # only top-level string values count; within the caps the records are the same
     assert read_records(path, max_columns=3, max_field_chars=11) == rows
+
+
+def test_k_folds_pool_train_and_validation_and_partition_them(tmp_path: Path) -> None:
+    """`data.folds`: train and validation pooled, cut into k folds; fold i is validation, the
+    rest train; over i = 0..k-1 the validation splits partition the pool; test is untouched."""
+    rows = [
+        {"text": f"text {i}", "topic": "abc"[i % 3], "sentiment": "np"[i % 2]} for i in range(90)
+    ]
+    train = write_jsonl(tmp_path / "tr.jsonl", rows[:60])
+    val = write_jsonl(tmp_path / "va.jsonl", rows[60:])
+    test = write_jsonl(tmp_path / "te.jsonl", rows[:9])
+    k = 3
+
+    def fold(index: int, seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+        data = {"train": str(train), "validation": str(val), "test": str(test),
+                "folds": {"k": k, "index": index, "seed": seed}}  # fmt: skip
+        prepared = check_data(make_config(tmp_path, data))
+        assert prepared is not None
+        assert len(prepared.train) == len(prepared.validation) == 1
+        return prepared.train[0].texts, prepared.validation[0].texts, prepared.test[0].texts
+
+    pool = sorted(r["text"] for r in rows)
+    held: list[str] = []
+    for index in range(k):
+        tr, va, te = fold(index)
+        assert len(va) == 30 and len(tr) == 60
+        assert sorted(tr + va) == pool and not set(tr) & set(va)
+        assert te == [f"text {i}" for i in range(9)]
+        held += va
+    assert sorted(held) == pool  # every example is validation exactly once
+    assert fold(0) == fold(0) and fold(0, seed=1)[1] != fold(0)[1]
+    # the labels travel with their texts
+    prepared = check_data(
+        make_config(
+            tmp_path, {"train": str(train), "validation": str(val), "folds": {"k": 3, "index": 1}}
+        )
+    )
+    assert prepared is not None
+    source = prepared.validation[0]
+    for text, topic in zip(source.texts, source.labels["topic"], strict=True):
+        i = int(text.split()[1])
+        assert prepared.label_names["topic"][topic] == "abc"[i % 3]
+
+
+@pytest.mark.parametrize(
+    ("folds", "extra", "message"),
+    [
+        ({"k": 3, "index": 3}, {}, "index 3 is not one of the 3 folds"),
+        ({"k": 1}, {}, "greater than or equal to 2"),
+        ({"k": 3}, {"validation_fraction": 0.1}, "not both"),
+    ],
+)
+def test_bad_folds_are_refused(
+    tmp_path: Path, folds: dict[str, int], extra: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        make_config(tmp_path, {"train": "x.csv", "folds": folds, **extra})

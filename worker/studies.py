@@ -8,18 +8,19 @@ lapses and another takes over), it makes one pass:
    `trial` on the record). New validation evaluations in the first job's metric history are
    reported to Optuna's pruner (`trial.report`); when it says prune, the trial's jobs are
    cancelled. A trial whose jobs have all ended is told to Optuna (complete with the objective
-   of its best-checkpoint evaluation, the mean over its jobs when it has one per seed; failed;
+   of its best-checkpoint evaluation, the mean over its jobs when it has several (seeds or
+   folds); failed;
    or pruned) exactly once: Optuna's own state of the trial says whether it was told already.
 2. **Cancel**, when asked: no new trial, every running trial's jobs cancelled; the study is
    cancelled once they have ended.
 3. **Launch** trials while fewer than `parallel` run, the budget has trials left, the failures
    are within budget and the time limit has not passed: `study.ask()`, the sampled config
-   validated like a job body, then its jobs created (one, or one per seed).
+   validated like a job body, then its jobs created (one, or one per seed or fold).
 4. **Baselines**, once the search is over: with the best trial's hyperparameters, each task
    alone and the multi-task model with plain `sum` and no gradient strategy; then the verdict.
 
 Exactly once, whatever dies: a trial's record is saved before its jobs are created, and each
-job is created under an idempotency key of (study, trial, seed), so a pass that repeats the
+job is created under an idempotency key of (study, trial, run), so a pass that repeats the
 creation after a crash finds the same job; an Optuna trial asked but never recorded (a crash
 between the two) is adopted by the next pass instead of asking a new one; telling checks
 Optuna's trial state first. Jobs themselves survive worker loss as any job does (lease, reaper,
@@ -409,8 +410,8 @@ class StudyDriver(threading.Thread):
             number, params = asked.number, dict(asked.params)
         trial = TrialRecord(number=number, params=decode(spec, params), started_at=time.time())
         try:
-            for seed in self._seeds(spec):
-                sampled_config(spec, trial.params, seed)
+            for variant in spec.selection.variants():
+                sampled_config(spec, trial.params, variant)
         except ValidationError as exc:
             err = exc.errors(include_url=False)[0]
             where = ".".join(str(p) for p in err["loc"])
@@ -427,17 +428,13 @@ class StudyDriver(threading.Thread):
         )  # fmt: skip
         return trial
 
-    @staticmethod
-    def _seeds(spec: StudyCreate) -> list[int | None]:
-        return list(spec.selection.seeds) if spec.selection.kind == "seeds" else [None]
-
     def _configs(self, spec: StudyCreate, trial: TrialRecord) -> list[TrainConfig]:
         if trial.kind is TrialKind.SEARCH:
-            return [sampled_config(spec, trial.params, seed) for seed in self._seeds(spec)]
-        return [baseline_config(spec, trial, seed) for seed in self._seeds(spec)]
+            return [sampled_config(spec, trial.params, v) for v in spec.selection.variants()]
+        return [baseline_config(spec, trial, v) for v in spec.selection.variants()]
 
     def _ensure_jobs(self, spec: StudyCreate, record: StudyRecord, trial: TrialRecord) -> None:
-        """Create the trial's jobs that do not exist yet (idempotent: one key per seed)."""
+        """Create the trial's jobs that do not exist yet (idempotent: one key per run)."""
         configs = self._configs(spec, trial)
         if len(trial.jobs) == len(configs):
             return
@@ -452,7 +449,7 @@ class StudyDriver(threading.Thread):
             created = self.jobs.create(
                 NewJob(
                     owner=record.owner,
-                    name=name + (f" (seed {config.seed})" if len(configs) > 1 else ""),
+                    name=name + (f" (run {k + 1} of {len(configs)})" if len(configs) > 1 else ""),
                     config_json=config.model_dump_json(),
                     max_attempts=self.settings.max_restarts + 1,
                     idempotency_key=self.jobs.keys.study_job(record.id, f"{trial.number}:{k}"),
@@ -473,7 +470,7 @@ class StudyDriver(threading.Thread):
         self, spec: StudyCreate, record: StudyRecord, trials: dict[int, TrialRecord]
     ) -> None:
         wanted: list[str] = []
-        base = sampled_config(spec, record.best_params or {}, None)
+        base = sampled_config(spec, record.best_params or {})
         if spec.baselines.single_task and len(base.tasks) > 1:
             wanted += [f"single:{t}" for t in base.task_names]
         if spec.baselines.sum:

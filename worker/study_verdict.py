@@ -45,10 +45,12 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def baseline_config(spec: StudyCreate, trial: TrialRecord, seed: int | None) -> TrainConfig:
+def baseline_config(
+    spec: StudyCreate, trial: TrialRecord, variant: dict[str, Any] | None = None
+) -> TrainConfig:
     """The best config as a baseline: one task alone (`single:<task>`), or all tasks with
     plain `sum` weighting and no gradient strategy (`sum`)."""
-    config = sampled_config(spec, trial.params, seed)
+    config = sampled_config(spec, trial.params, variant)
     data = config.model_dump(mode="json")
     data["weighting"] = {"name": "sum"}
     data["gradient"] = {"name": "none"}
@@ -71,7 +73,7 @@ def verdict(
     split = "test" if job_report(jobs, best.jobs[0], "test") else "validation"
     metric = spec.objective.metric
     baselines = {t.baseline: t for t in trials.values() if t.kind is TrialKind.BASELINE}
-    names = sampled_config(spec, record.best_params or {}, None).task_names
+    names = sampled_config(spec, record.best_params or {}).task_names
 
     def score(trial: TrialRecord | None, task: str) -> float | None:
         if trial is None or trial.state is not TrialState.COMPLETE:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtl.config import FileData, TaskConfig, TrainConfig
+from mtl.config import FileData, Folds, TaskConfig, TrainConfig
 from mtl.errors import DataError
 
 from .columns import Record, check_text, require_columns
@@ -41,6 +41,18 @@ class Source:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def concat(self, other: Source) -> Source:
+        """This source followed by `other` (the same tasks; `file` names both)."""
+        return Source(
+            self.name,
+            self.split,
+            f"{self.file} + {other.file}",
+            list(self.tasks),
+            self.texts + other.texts,
+            {t: ids + other.labels[t] for t, ids in self.labels.items()},
+            self.rows + other.rows,
+        )
 
     def subset(self, indices: Sequence[int], split: str) -> Source:
         return Source(
@@ -184,7 +196,9 @@ def check_data(
             out[split].append(
                 _encode_source(group, split, source, load(source), label_maps, all_tasks)
             )
-        if group.files["validation"] is None and data.validation_fraction > 0:
+        if data.folds is not None:
+            _fold(out, data.folds, bool(group.files["validation"]))
+        elif group.files["validation"] is None and data.validation_fraction > 0:
             train = out["train"][-1]
             keep, held = _holdout(len(train), data.validation_fraction, config.seed)
             if held:
@@ -236,6 +250,18 @@ def _encode_source(
         labels=labels,
         rows=list(range(1, n + 1)),
     )
+
+
+def _fold(out: dict[str, list[Source]], folds: Folds, has_validation: bool) -> None:
+    """Pool the group's train and validation sources (the last of each in `out`) and cut the
+    pool into folds: `folds.index` becomes the validation split, the rest the train split."""
+    train = out["train"].pop()
+    pool = train.concat(out["validation"].pop()) if has_validation else train
+    order = list(range(len(pool)))
+    random.Random(folds.seed).shuffle(order)
+    held = set(order[folds.index :: folds.k])
+    out["train"].append(pool.subset([i for i in range(len(pool)) if i not in held], "train"))
+    out["validation"].append(pool.subset(sorted(held), "validation"))
 
 
 def _holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

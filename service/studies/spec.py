@@ -139,11 +139,22 @@ class Budget(_Strict):
 
 
 class Selection(_Strict):
-    """How one configuration is scored: one run (`single`), or the mean over `seeds` runs
-    (its spread reported), for small data where one validation split picks noise."""
+    """How one configuration is scored: one run (`single`); the mean over `seeds` runs; or the
+    mean over `folds` runs of k-fold cross-validation on train + validation pooled (file data;
+    see `mtl.config.Folds`). With several runs the spread is reported too: on small data one
+    validation split of a few hundred rows picks noise."""
 
-    kind: Literal["single", "seeds"] = "single"
+    kind: Literal["single", "seeds", "folds"] = "single"
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=2, max_length=10)
+    folds: int = Field(5, ge=2, le=10, description="k, for kind `folds`")
+
+    def variants(self) -> list[dict[str, Any]]:
+        """The config changes of each run of one configuration."""
+        if self.kind == "seeds":
+            return [{"seed": seed} for seed in self.seeds]
+        if self.kind == "folds":
+            return [{"data.folds": {"k": self.folds, "index": i}} for i in range(self.folds)]
+        return [{}]
 
 
 class Baselines(_Strict):
@@ -282,6 +293,8 @@ def check_space(study: StudyCreate) -> TrainConfig:
                 raise SpaceError(
                     f"{param.path} = {value!r} makes the config invalid: {why}", where
                 ) from None
+    if study.selection.kind == "folds" and base.data.kind != "files":
+        raise SpaceError("k-fold selection needs file data", ["body", "selection", "kind"])
     _check_objective(study.objective, base)
     return base
 
@@ -321,12 +334,12 @@ def _check_objective(objective: Objective, base: TrainConfig) -> None:
             )
 
 
-def sampled_config(study: StudyCreate, params: Mapping[str, Any], seed: int | None) -> TrainConfig:
-    """The config of one run of a trial, validated like a job body (`ValidationError`)."""
-    data = apply_params(study.base, params)
-    if seed is not None:
-        data["seed"] = seed
-    return parse_strict(TrainConfig, data)
+def sampled_config(
+    study: StudyCreate, params: Mapping[str, Any], variant: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """The config of one run of a trial (`variant`: one of `Selection.variants()`), validated
+    like a job body (`ValidationError`)."""
+    return parse_strict(TrainConfig, apply_params(study.base, {**params, **(variant or {})}))
 
 
 # ------------------------------------------------------------------------------- objective

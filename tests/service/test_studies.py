@@ -512,3 +512,52 @@ def test_the_optuna_journal_is_json_and_never_pickled(redis_server: Any) -> None
         for key in client.scan_iter(match=f"{prefix}:*", count=1000):
             client.delete(key)
         client.close()
+
+
+def test_k_fold_selection_scores_each_configuration_over_its_folds(
+    client: httpx.Client, labelled_rows: Callable[..., list[dict[str, Any]]]
+) -> None:
+    """`selection: folds`: each trial is k jobs, fold i of train + validation as validation;
+    the trial's value is the mean of their objectives, its spread their standard deviation."""
+    import statistics
+
+    def upload(rows: list[dict[str, Any]], name: str) -> str:
+        text = "text,sentiment,topic\n" + "".join(
+            f"{r['text']},{r['sentiment']},{r['topic']}\n" for r in rows
+        )
+        r = client.post("/v1/datasets", files={"file": (name, text.encode())})
+        assert r.status_code == 201, r.text
+        return str(r.json()["source"])
+
+    rows = labelled_rows(120)
+    base = base_config(epochs=3)
+    base["data"] = {"kind": "files", "train": upload(rows[:90], "tr.csv"),
+                    "validation": upload(rows[90:], "va.csv")}  # fmt: skip
+    base["tasks"] = [{"name": "sentiment", "labels": ["neg", "neu", "pos"]},
+                     {"name": "topic", "labels": ["politics", "sport"]}]  # fmt: skip
+    body = study_body(
+        base=base,
+        search_space=[{"path": "optimizer.lr", "choice": [0.003, 0.005]}],
+        selection={"kind": "folds", "folds": 3},
+        budget={"trials": 2, "parallel": 2},
+        baselines={"single_task": False, "sum": False},
+    )
+    r = client.post("/v1/studies", json=body)
+    assert r.status_code == 202, r.text
+    done = wait_study(client, r.json()["id"], TERMINAL)
+    assert done["state"] == "succeeded", done
+    for trial in done["trials"]:
+        assert len(trial["jobs"]) == 3
+        folds = [client.get(f"/v1/jobs/{j}/config").json()["data"]["folds"] for j in trial["jobs"]]
+        assert [f["index"] for f in folds] == [0, 1, 2] and {f["k"] for f in folds} == {3}
+        values = []
+        for job_id in trial["jobs"]:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            assert job["state"] == "succeeded"
+            values.append(job["final_metrics"]["validation"]["mean"]["macro_f1"])
+        assert trial["values"] == pytest.approx(values, abs=1e-6)
+        assert trial["value"] == pytest.approx(statistics.fmean(values), abs=1e-6)
+        assert trial["spread"] == pytest.approx(statistics.pstdev(values), abs=1e-6)
+    bad = study_body(selection={"kind": "folds"})  # dummy data cannot be folded
+    r = client.post("/v1/studies", json=bad)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "selection", "kind"]

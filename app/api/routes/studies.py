@@ -121,9 +121,10 @@ async def valid_study(
             ["body", "sampler"],
         )
     limit = settings.max_active_jobs_per_key
-    if limit and study.budget.parallel * len(_seeds(study)) > limit:
+    runs = len(study.selection.variants())
+    if limit and study.budget.parallel * runs > limit:
         raise Invalid(
-            f"{study.budget.parallel} trials at once of {len(_seeds(study))} jobs each exceed "
+            f"{study.budget.parallel} trials at once of {runs} jobs each exceed "
             f"this key's limit of {limit} active jobs",
             ["body", "budget", "parallel"],
         )
@@ -159,10 +160,6 @@ def _rebase(
         check(config, settings)
     except Invalid as exc:
         raise Invalid(exc.message, [*at, *exc.loc[1:]], exc.type) from None
-
-
-def _seeds(study: StudyCreate) -> list[int]:
-    return study.selection.seeds if study.selection.kind == "seeds" else [study.seed]
 
 
 ValidStudyDep = Annotated[tuple[StudyCreate, int], Depends(valid_study)]
