@@ -127,14 +127,14 @@ def check_model_name(config: TrainConfig, settings: Settings) -> None:
     """A job's encoder must be an allowed hub id, or a directory under an allowed root.
 
     No URLs (no server-side requests to addresses a client picks), no other paths (a client
-    must not make the worker read files it names), and never remote code.
+    must not make the worker read files it names), and never remote code. This holds for a
+    `random_init` encoder too: its tokenizer is loaded from `encoder.model`. A refusal says
+    "not allowed" and nothing about the path (whether it exists, what the roots are).
     """
-    if config.encoder.random_init is not None:
-        return
     name = config.encoder.model
     loc: list[str | int] = ["body", "encoder", "model"]
     if "://" in name or name.lower().startswith(("http:", "https:", "file:")):
-        raise Invalid("URLs are not accepted: name an allowed model id", loc)
+        raise Invalid("model not allowed: URLs are not accepted; name an allowed model id", loc)
     looks_like_path = name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
     if looks_like_path:
         target = Path(name).expanduser().resolve()
@@ -143,18 +143,13 @@ def check_model_name(config: TrainConfig, settings: Settings) -> None:
                 _check_weight_files(target, loc)
                 return
         raise Invalid(
-            "local model paths are accepted only under the service's model roots"
-            + (
-                f" ({', '.join(str(r) for r in settings.model_roots)})"
-                if settings.model_roots
-                else ""
-            )
-            + "; name an allowed model id instead",
+            "model not allowed: local paths are accepted only under the service's model roots; "
+            "name an allowed model id instead",
             loc,
         )
     if name not in settings.allowed_models:
         raise Invalid(
-            f"model {name!r} is not allowed here; allowed: {', '.join(settings.allowed_models)}",
+            f"model not allowed here; allowed: {', '.join(settings.allowed_models)}",
             loc,
         )
 

@@ -183,14 +183,25 @@ def _with_model(name: str) -> dict[str, Any]:
     return cfg
 
 
+@pytest.mark.parametrize("random_init", [False, True], ids=["pretrained", "random_init"])
 @pytest.mark.parametrize("case", list(REFUSED_MODELS), ids=list(REFUSED_MODELS))
-def test_model_names_outside_the_allow_list_are_422(client: httpx.Client, case: str) -> None:
+def test_model_names_outside_the_allow_list_are_422(
+    client: httpx.Client, case: str, random_init: bool
+) -> None:
+    """Also with `random_init`: its tokenizer comes from `encoder.model` (a job once read the
+    tokenizer files of a directory the tenant named this way). The answer says "not allowed"
+    and nothing about the path."""
     cfg = _with_model(REFUSED_MODELS[case])
+    if random_init:
+        cfg["encoder"]["random_init"] = copy.deepcopy(DUMMY["encoder"]["random_init"])
     total = client.get("/v1/jobs").json()["total"]
     for path in ("/v1/jobs", "/v1/configs/validate"):
         r = client.post(path, json=cfg)
         assert r.status_code == 422, (path, r.text)
-        assert [e["loc"] for e in r.json()["detail"]] == [MODEL_LOC]
+        detail = r.json()["detail"]
+        assert [e["loc"] for e in detail] == [MODEL_LOC]
+        assert detail[0]["msg"].startswith("model not allowed")
+        assert REFUSED_MODELS[case] not in detail[0]["msg"]
     assert client.get("/v1/jobs").json()["total"] == total
 
 
@@ -242,6 +253,7 @@ def test_local_models_only_under_the_model_roots_and_only_safetensors(
             (str(root / ".." / "outside"), "only under the service's model roots"),
             (str(root / "file.safetensors"), "only under the service's model roots"),
             (str(root / "missing"), "only under the service's model roots"),
+            ("/etc", "only under the service's model roots"),
             ("org/other", "not allowed here"),
             ("sentence-transformers/all-MiniLM-L6-v2", "not allowed here"),  # not in this list
         ]:
