@@ -188,7 +188,7 @@ class DummyData(_Tagged):
     seq_len: int = Field(32, ge=4, le=8192)
     vocab_size: int = Field(30522, ge=32, le=250_000)
     learnable: bool = False
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's seed range")
 
 
 class TaskData(_Strict):

@@ -677,3 +677,23 @@ def test_bad_folds_are_refused(
 ) -> None:
     with pytest.raises(ValidationError, match=message):
         make_config(tmp_path, {"train": "x.csv", "folds": folds, **extra})
+
+
+@pytest.mark.parametrize(
+    ("line", "words", "column"),
+    [
+        ('{"text": "a\\ud800b", "topic": "x"}', "not valid Unicode", "text"),
+        ('{"text": "ok", "topic": ["\\udfff"]}', "not valid Unicode", "topic"),
+        ('{"te\\ud800xt": "ok", "topic": "x"}', "not valid Unicode", None),
+        ("[" * 50_000 + "]" * 50_000, "nested too deeply", None),
+    ],
+    ids=["surrogate in a value", "surrogate nested in a value", "surrogate in a key", "deep"],
+)
+def test_jsonl_rows_that_no_utf8_text_holds_are_data_errors(
+    tmp_path: Path, line: str, words: str, column: str | None
+) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "fine", "topic": "y"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=words) as caught:
+        read_records(path)
+    assert caught.value.row == 2 and caught.value.column == column

@@ -94,18 +94,22 @@ def _allowed_methods(app: FastAPI, path: str) -> list[str]:
 
 
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
-    """FastAPI's 422, with non-finite numbers in the echoed input written as strings: a body
-    holding `NaN` or `1e400` (Python's JSON parser accepts both) must get its 422, not a 500
-    from a response that strict JSON cannot hold."""
+    """FastAPI's 422, with non-finite numbers in the echoed input written as strings and lone
+    surrogates escaped: a body holding `NaN`, `1e400` or `"\\ud800"` (Python's JSON parser
+    accepts them all) must get its 422, not a 500 from a response strict JSON cannot hold."""
     assert isinstance(exc, RequestValidationError)
     return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
 def _finite(value: Any) -> Any:
+    """The echoed input as strict UTF-8 JSON can hold it: non-finite numbers as strings, and
+    lone surrogates (which no UTF-8 text holds) escaped."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {_finite(k): _finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value

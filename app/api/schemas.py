@@ -7,9 +7,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mtl.config import TrainConfig
+from mtl.datafiles.reading import is_valid_unicode
 from service.records import BestScores, DatasetRecord, FinalScores, JobState, LatestScores
 from service.studies.records import StudyRecord, StudyState, TrialRecord
 
@@ -183,6 +184,14 @@ class PredictIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     texts: list[str] = Field(..., min_length=1, description="texts to classify")
+
+    @field_validator("texts")
+    @classmethod
+    def _unicode(cls, texts: list[str]) -> list[str]:
+        for i, text in enumerate(texts):
+            if not is_valid_unicode(text):
+                raise ValueError(f"text {i} is not valid Unicode (a lone surrogate escape)")
+        return texts
 
 
 class PredictOut(BaseModel):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from app.api.schemas import JobCreate
 from app.core.errors import Invalid
 from mtl.config import FileData, TrainConfig
+from mtl.datafiles.reading import is_valid_unicode
 from mtl.errors import DataError
 from service.configs import parse_strict
 from service.datasets import AsyncDatasetStore, parse_source, resolver
@@ -77,7 +78,38 @@ def parse_body(model: type[M], raw: bytes, content_type: str | None) -> M:
         ) from None  # fmt: skip
     except ValueError:  # not UTF-8/16/32
         raise HTTPException(400, "There was an error parsing the body") from None
+    except RecursionError:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON nested too deeply",
+              "input": {}}]
+        ) from None  # fmt: skip
+    bad = _lone_surrogate(data, ["body"])
+    if bad is not None:
+        raise RequestValidationError(
+            [{"type": "string_unicode", "loc": tuple(bad), "input": None,
+              "msg": "not valid Unicode (a lone surrogate escape such as \\ud800)"}]
+        )  # fmt: skip
     return strict_body(model, data)
+
+
+def _lone_surrogate(value: Any, loc: list[str | int]) -> list[str | int] | None:
+    """Where in parsed JSON a string (or a key) holds a lone surrogate, which no UTF-8 text
+    can; None when nowhere."""
+    if isinstance(value, str):
+        return None if is_valid_unicode(value) else loc
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not is_valid_unicode(key):
+                return loc
+            found = _lone_surrogate(item, [*loc, key])
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, [*loc, i])
+            if found is not None:
+                return found
+    return None
 
 
 def strict_body(model: type[M], data: Any) -> M:

@@ -300,6 +300,29 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _check_unicode(obj: Mapping[str, Any], name: str, row: int) -> None:
+    """JSON escapes can spell a lone surrogate (`"\\ud800"`), which no UTF-8 text holds: refuse
+    it here, naming the row and column, before anything stores or sends it."""
+    for column, value in obj.items():
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        if not (is_valid_unicode(column) and is_valid_unicode(text)):
+            raise DataError(
+                "not valid Unicode (a lone surrogate escape such as \\ud800)",
+                file=name,
+                row=row,
+                column=column if is_valid_unicode(column) else None,
+            )
+
+
+def is_valid_unicode(text: str) -> bool:
+    """False when `text` holds a lone surrogate (it cannot be encoded as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_jsonl(text: str, name: str, max_rows: int | None, limits: _Limits) -> list[Record]:
     records: list[Record] = []
     row = 0
@@ -317,6 +340,8 @@ def _parse_jsonl(text: str, name: str, max_rows: int | None, limits: _Limits) ->
             ) from None
         except ValueError as exc:
             raise DataError(f"line {line_no}: {exc}", file=name, row=row) from None
+        except RecursionError:
+            raise DataError(f"line {line_no}: nested too deeply", file=name, row=row) from None
         if not isinstance(obj, dict):
             raise DataError(
                 f"line {line_no}: expected a JSON object ({{...}}), got {_json_type(obj)}",
@@ -324,6 +349,7 @@ def _parse_jsonl(text: str, name: str, max_rows: int | None, limits: _Limits) ->
                 row=row,
             )
         limits.check_object(obj, row=row)
+        _check_unicode(obj, name, row)
         records.append(obj)
         if max_rows is not None and len(records) >= max_rows:
             break

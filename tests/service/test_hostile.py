@@ -32,10 +32,10 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from app.main import create_app
-from service.embedded import RedisServer
+from service.embedded import RedisServer, free_port
 from service.keys import Keys
 from service.settings import Settings
-from tests.service.conftest import DUMMY, KEYS, auth
+from tests.service.conftest import DUMMY, KEYS, auth, submit, wait_for
 
 # ------------------------------------------------------------------------ in-process API
 
@@ -411,6 +411,13 @@ BROKEN: dict[str, tuple[str, bytes, int, str]] = {
     "not JSON lines": ("x.jsonl", b"{not json}\n", 422, "not valid JSON"),
     "JSONL array": ("x.jsonl", b"[1, 2]\n", 422, "expected a JSON object"),
     "unknown format": ("notes.txt", b"text\nhello\n", 422, "format"),
+    "lone surrogate (JSONL)": (
+        "s.jsonl",
+        b'{"text": "a\\ud800b", "label": "a"}\n',
+        422,
+        "row 1, column 'text'",
+    ),
+    "deep nesting (JSONL)": ("deep.jsonl", b"[" * 50_000 + b"]" * 50_000 + b"\n", 422, "deeply"),
     "10 MB field": ("big.csv", b"text,label\n" + b"x" * 10_000_000 + b",a\n", 413, ""),
     "a million columns": (
         "wide.csv",
@@ -498,3 +505,67 @@ def test_wide_or_long_uploads_under_the_cap_are_422(
         not any(app_settings.datasets_dir.iterdir()) if app_settings.datasets_dir.exists() else True
     )
     assert client.get("/v1/datasets", headers=auth("alice")).json()["total"] == 0
+
+
+# --------------------------------------------------------------- no 5xx from odd JSON text
+
+SURROGATE = '"\\ud800"'  # a JSON escape of a lone surrogate: valid JSON, no UTF-8 text
+
+
+def test_lone_surrogates_and_deep_nesting_in_bodies_are_422(client: httpx.Client) -> None:
+    """A job `name` with a lone surrogate (submit and validate), the same in predict texts, a
+    body nested 50 000 levels deep: a clear 422 (once a 500 from an encoder or a
+    RecursionError, or from the 422 handler itself echoing the input); nothing queued."""
+    total = client.get("/v1/jobs").json()["total"]
+    body = json.dumps({**DUMMY, "name": "x"}).replace('"name": "x"', f'"name": {SURROGATE}')
+    for path in ("/v1/jobs", "/v1/configs/validate"):
+        r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (path, r.text)
+        detail = r.json()["detail"][0]
+        assert detail["loc"] == ["body", "name"] and "Unicode" in detail["msg"]
+    deep = "[" * 50_000 + "]" * 50_000
+    r = client.post("/v1/jobs", content=deep, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "deeply" in r.json()["detail"][0]["msg"], r.text
+    assert client.get("/v1/jobs").json()["total"] == total
+    # a 422 that echoes a surrogate in its input (an unknown field with such a value)
+    odd = json.dumps({**DUMMY, "bogus": "x"}).replace('"bogus": "x"', f'"bogus": {SURROGATE}')
+    r = client.post("/v1/jobs", content=odd, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    job = submit(client, DUMMY)
+    wait_for(client, job["id"], {"succeeded"})
+    texts = f'{{"texts": ["fine", {SURROGATE}]}}'
+    r = client.post(
+        f"/v1/jobs/{job['id']}/predict", content=texts, headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 422, r.text
+    assert "text 1 is not valid Unicode" in r.json()["detail"][0]["msg"]
+
+
+def test_seeds_beyond_numpys_range_are_422(client: httpx.Client) -> None:
+    """`data.seed: 2**80` was accepted and failed the job with an internal overflow."""
+    for where, loc in (("data", ["body", "data", "dummy", "seed"]), (None, ["body", "seed"])):
+        cfg = json.loads(json.dumps(DUMMY))
+        (cfg[where] if where else cfg)["seed"] = 2**80
+        r = client.post("/v1/configs/validate", json=cfg)
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == loc
+
+
+def test_an_upload_whose_record_cannot_be_written_leaves_no_file(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Redis away when the record is written (the dataset store's client points at a port
+    where nothing listens, after the key check): 503, and the stored file is removed."""
+    import redis.asyncio as aioredis
+
+    with local_api(redis_server, tmp_path / "data") as (api, settings):
+        dead = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+        api.app.state.datasets.redis = dead  # type: ignore[attr-defined]
+        r = api.post(
+            "/v1/datasets",
+            files={"file": ("a.csv", b"text,label\nhello,a\n")},
+            headers={"Authorization": f"Bearer {KEYS['alice']}"},
+        )
+        assert r.status_code == 503, r.text
+        folder = settings.data_dir / "datasets"
+        assert not folder.exists() or not any(folder.iterdir())

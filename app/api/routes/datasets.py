@@ -107,18 +107,22 @@ async def upload_dataset(
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    record = await store.add(
-        owner,
-        dataset_id,
-        {
-            "source": source,
-            "name": name,
-            "filename": Path(file.filename or "").name or None,
-            "format": fmt,
-            "size_bytes": size,
-            **info,
-        },
-    )
+    try:
+        record = await store.add(
+            owner,
+            dataset_id,
+            {
+                "source": source,
+                "name": name,
+                "filename": Path(file.filename or "").name or None,
+                "format": fmt,
+                "size_bytes": size,
+                **info,
+            },
+        )
+    except BaseException:  # no record (Redis away, the client gone): no file either
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return record
 
 
