@@ -186,6 +186,7 @@ def train(
 @app.command()
 def validate(config: Annotated[Path, typer.Argument(help="YAML or JSON training config")]) -> None:
     """Check CONFIG and the data it names, without training."""
+    from mtl.budget import encoder_shape, estimate
     from mtl.datafiles import check_data
 
     cfg = _load(config)
@@ -194,6 +195,9 @@ def validate(config: Annotated[Path, typer.Argument(help="YAML or JSON training 
     except MTLError as exc:
         raise _fail(str(exc)) from None
     console.print(f"[green]ok[/]: {len(cfg.tasks)} tasks ({', '.join(cfg.task_names)})")
+    shape = encoder_shape(cfg)
+    if shape is not None:
+        console.print(f"  to train: {estimate(cfg, shape).describe()}", highlight=False)
     if prepared is not None:
         for split in ("train", "validation", "test"):
             rows = sum(len(s) for s in prepared.split(split))

@@ -69,6 +69,18 @@ class Settings(BaseSettings):
     max_field_chars: int = Field(
         default=100_000, ge=1, description="characters in one value of an uploaded dataset"
     )
+    max_job_params: int = Field(
+        default=2_000_000_000,
+        ge=1,
+        description="parameters of one job's model (encoder and heads), estimated on submit",
+    )
+    max_job_memory_gib: float = Field(
+        default=80.0,
+        gt=0,
+        description="training memory of one job, estimated on submit (mtl/budget.py: weights, "
+        "gradients, optimizer state, activations at the batch size and max length, dummy "
+        "data); 80 fits one 80 GB GPU; for CPU workers set their RAM (e.g. 16)",
+    )
     max_predict_texts: int = Field(default=256, ge=1)
     max_text_chars: int = Field(default=20_000, ge=1)
     page_size_max: int = Field(default=100, ge=1)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from app.api.schemas import JobCreate
 from app.core.errors import Invalid
+from mtl.budget import GIB, encoder_shape, estimate
 from mtl.config import FileData, TrainConfig
 from mtl.datafiles.reading import is_valid_unicode
 from mtl.errors import DataError
@@ -29,6 +30,7 @@ from service.settings import Settings
 
 __all__ = [
     "body_openapi",
+    "check_budget",
     "check_model_name",
     "check_sources",
     "job_body_openapi",
@@ -183,6 +185,29 @@ def check_model_name(config: TrainConfig, settings: Settings) -> None:
         raise Invalid(
             f"model not allowed here; allowed: {', '.join(settings.allowed_models)}",
             loc,
+        )
+
+
+def check_budget(config: TrainConfig, settings: Settings) -> None:
+    """The job's estimated parameters and training memory (`mtl.budget`) within the service's
+    limits; unknown for a hub model that is not on this machine (then nothing is checked)."""
+    shape = encoder_shape(config)
+    if shape is None:
+        return
+    need = estimate(config, shape)
+    if need.params > settings.max_job_params:
+        raise Invalid(
+            f"the model has about {need.params:,} parameters, over this service's limit of "
+            f"{settings.max_job_params:,}",
+            ["body", "encoder"],
+        )
+    limit = settings.max_job_memory_gib * GIB
+    if need.total > limit:
+        raise Invalid(
+            f"the job needs {need.describe()} to train, over this service's limit of "
+            f"{settings.max_job_memory_gib:g} GiB: lower batch_size, encoder.max_length, the "
+            "model's size or the dummy data's",
+            ["body"],
         )
 
 

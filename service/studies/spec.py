@@ -36,6 +36,7 @@ __all__ = [
     "StudyCreate",
     "apply_params",
     "check_space",
+    "corners",
     "objective_value",
     "sampled_config",
 ]
@@ -247,7 +248,8 @@ def apply_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str
     return config
 
 
-def _corners(param: SearchParam) -> list[Any]:
+def corners(param: SearchParam) -> list[Any]:
+    """The values at the ends of a range, or every choice: what a submit checks."""
     if param.float is not None:
         return [param.float.low, param.float.high]
     if param.int is not None:
@@ -282,7 +284,7 @@ def check_space(study: StudyCreate) -> TrainConfig:
                 loc,
             )
         kind = "float" if param.float else "int" if param.int else "choice"
-        for j, value in enumerate(_corners(param)):
+        for j, value in enumerate(corners(param)):
             where: list[str | int] = ["body", "search_space", i, kind]
             if kind == "choice":
                 where.append(j)

@@ -569,3 +569,48 @@ def test_an_upload_whose_record_cannot_be_written_leaves_no_file(
         assert r.status_code == 503, r.text
         folder = settings.data_dir / "datasets"
         assert not folder.exists() or not any(folder.iterdir())
+
+
+# ------------------------------------------------------------------------- job budget
+
+
+def test_jobs_over_the_resource_budget_are_422(client: httpx.Client) -> None:
+    """Parameters and training memory are estimated on submit (`mtl/budget.py`) against
+    `MTL_MAX_JOB_PARAMS` (2e9) and `MTL_MAX_JOB_MEMORY_GIB` (80): the hardening round's 10.7
+    billion-parameter config, and a small model at a batch whose activations need hundreds of
+    GiB, are 422s that say how much; nothing is queued."""
+    huge = json.loads(json.dumps(DUMMY))
+    huge["encoder"] = {
+        "random_init": {
+            "hidden_size": 4096, "num_hidden_layers": 48, "num_attention_heads": 64,
+            "intermediate_size": 16384, "vocab_size": 250_000, "max_position_embeddings": 8192,
+        },
+        "max_length": 8192,
+    }  # fmt: skip
+    huge["data"].update(num_samples=1_000_000, seq_len=8192)
+    wide = json.loads(json.dumps(DUMMY))
+    wide["encoder"]["max_length"] = 128
+    wide["data"]["seq_len"] = 128
+    wide["batch_size"] = 4096
+    wide["encoder"]["random_init"].update(
+        hidden_size=1024, num_attention_heads=16, intermediate_size=4096, num_hidden_layers=24
+    )
+    total = client.get("/v1/jobs").json()["total"]
+    for cfg, loc, words in (
+        (huge, ["body", "encoder"], "10,7"),
+        (wide, ["body"], "GiB) to train, over this service's limit of 80 GiB"),
+    ):
+        for path in ("/v1/jobs", "/v1/configs/validate"):
+            r = client.post(path, json=cfg)
+            assert r.status_code == 422, (path, r.text)
+            detail = r.json()["detail"][0]
+            assert detail["loc"] == loc and words in detail["msg"], detail
+    assert client.get("/v1/jobs").json()["total"] == total
+    study = {
+        "base": DUMMY,
+        "search_space": [{"path": "batch_size", "int": {"low": 8, "high": 4096}}],
+    }
+    study["base"] = {**DUMMY, "encoder": wide["encoder"], "data": wide["data"]}
+    r = client.post("/v1/studies", json=study)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "search_space", 0, "int"]

@@ -31,7 +31,13 @@ from app.api.schemas import (
     StudyOut,
     error_responses,
 )
-from app.api.validation import body_openapi, check_model_name, check_sources, parse_body
+from app.api.validation import (
+    body_openapi,
+    check_budget,
+    check_model_name,
+    check_sources,
+    parse_body,
+)
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.events import HubRegistry, follow
 from app.core.models import model_archive, predict_texts
@@ -47,7 +53,7 @@ from service.studies.records import (
     TrialRecord,
     TrialState,
 )
-from service.studies.spec import SpaceError, StudyCreate, apply_params, check_space
+from service.studies.spec import SpaceError, StudyCreate, apply_params, check_space, corners
 from service.studies.store import AsyncStudyStore, new_study_id
 
 __all__ = ["router"]
@@ -109,12 +115,14 @@ async def valid_study(
                 "the study's, fixed",
                 ["body", "search_space", i, "path"],
             )
-        if param.path.startswith("encoder.") and param.choice:
-            for j, value in enumerate(param.choice):
-                corner = parse_strict(TrainConfig, apply_params(study.base, {param.path: value}))
-                _rebase(
-                    check_model_name, corner, settings, at=["body", "search_space", i, "choice", j]
-                )
+        kind = "float" if param.float else "int" if param.int else "choice"
+        for j, value in enumerate(corners(param)):
+            corner = parse_strict(TrainConfig, apply_params(study.base, {param.path: value}))
+            at: list[str | int] = ["body", "search_space", i, kind]
+            if kind == "choice":
+                at.append(j)
+            _rebase(check_model_name, corner, settings, at=at)
+            _rebase(check_budget, corner, settings, at=at)
     if study.sampler == "grid" and any(p.float is not None for p in study.search_space):
         raise Invalid(
             "the grid sampler needs choices or int ranges, not float ranges",
@@ -129,6 +137,7 @@ async def valid_study(
             ["body", "budget", "parallel"],
         )
     _rebase(check_model_name, base, settings, at=["body", "base"])
+    _rebase(check_budget, base, settings, at=["body", "base"])
     try:
         await check_sources(base, owner, datasets, settings)
     except Invalid as exc:
