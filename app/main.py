@@ -20,6 +20,7 @@ from app.api.errors import install_error_handlers
 from app.api.openapi import install_openapi
 from app.api.routes import configs, dashboard, datasets, docs, health, jobs, studies
 from app.core.events import HubRegistry
+from app.core.logs import install_access_log_redaction
 from app.core.metrics import ServiceMetrics
 from app.core.predictors import PredictorCache
 from service.async_store import AsyncJobStore
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    install_access_log_redaction()
     app.state.metrics = ServiceMetrics()
     # (the last added is the outermost: CORS, then the metrics, then the key check)
     app.add_middleware(KeyGate, settings=settings)

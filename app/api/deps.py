@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.api.errors import error_response
 from app.api.schemas import JobCreate
 from app.api.validation import check_budget, check_model_name, check_sources, parse_job_body
-from app.core.errors import NotFound, Unauthorized
+from app.core.errors import BadRequest, NotFound, Unauthorized
 from app.core.predictors import PredictorCache
 from service.async_store import AsyncJobStore
 from service.datasets import AsyncDatasetStore
@@ -80,23 +80,36 @@ _bearer = HTTPBearer(auto_error=False, description="an API key from the service 
 #: query parameters that look like a credential: refused, whatever the header says (a key in a
 #: URL ends up in access logs, proxies and browser history)
 KEY_QUERY_PARAMS = frozenset(
-    {"api_key", "apikey", "api-key", "key", "token", "access_token", "auth", "authorization"}
-)
+    {
+        "api_key", "apikey", "api-key", "x-api-key", "x_api_key", "key", "token",
+        "access_token", "auth", "authorization", "bearer", "password", "secret",
+    }
+)  # fmt: skip
 
 
-def authenticate(settings: Settings, authorization: str | None, query_names: Iterable[str]) -> str:
+def refuse_credentials_in_query(settings: Settings, query: Iterable[tuple[str, str]]) -> None:
+    """A query parameter named like a credential, or whose value is one of the API keys
+    (whatever its name), is a 400: keys travel only in the Authorization header. Each value is
+    compared with every key (`hmac.compare_digest`, no early exit)."""
+    found = False
+    for name, value in query:
+        found |= name.lower() in KEY_QUERY_PARAMS
+        for key in settings.api_keys.values():
+            found |= hmac.compare_digest(value.encode(), key.encode())
+    if found:
+        raise BadRequest(
+            "API keys are accepted only in the Authorization header, never in the URL"
+        )
+
+
+def authenticate(settings: Settings, authorization: str | None) -> str:
     """The owner of the key in `Authorization: Bearer <key>`; raises `Unauthorized`.
 
     Every configured key is compared, each with `hmac.compare_digest`, and the loop never
-    exits early: the time taken does not tell which key (or which prefix) matched. A
-    credential-like query parameter is refused even next to a valid header.
+    exits early: the time taken does not tell which key (or which prefix) matched.
     """
     if settings.open_access:
         return ANONYMOUS
-    if any(name.lower() in KEY_QUERY_PARAMS for name in query_names):
-        raise Unauthorized(
-            "API keys are accepted only in the Authorization header, never in the URL"
-        )
     scheme, credentials = get_authorization_scheme_param(authorization)
     if not credentials or scheme.lower() != "bearer":
         raise Unauthorized("an API key is required: Authorization: Bearer <key>")
@@ -117,30 +130,29 @@ async def get_owner(
 ) -> str:
     """The owner of the presented key (every job and dataset belongs to one). `credentials`
     declares the scheme in the OpenAPI schema; the header itself is read by `authenticate`."""
-    return authenticate(settings, request.headers.get("authorization"), request.query_params.keys())
+    refuse_credentials_in_query(settings, request.query_params.multi_items())
+    return authenticate(settings, request.headers.get("authorization"))
 
 
 class KeyGate:
-    """ASGI middleware: a `/v1` request without a valid key is answered 401 before anything
-    reads its body (FastAPI reads and parses a body, a whole upload included, before it runs
-    the route's dependencies). The routes check the key again through `OwnerDep`."""
+    """ASGI middleware: a request with a credential in its query string is answered 400, and a
+    `/v1` request without a valid key 401, before anything reads its body (FastAPI reads and
+    parses a body, a whole upload included, before it runs the route's dependencies). The
+    routes check again through `OwnerDep`."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and not self.settings.open_access
-            and (scope["path"] == "/v1" or scope["path"].startswith("/v1/"))
-        ):
+        if scope["type"] == "http":
             query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), True)
+            guarded = scope["path"] == "/v1" or scope["path"].startswith("/v1/")
             try:
-                authenticate(
-                    self.settings, Headers(scope=scope).get("authorization"), (k for k, _ in query)
-                )
-            except Unauthorized as exc:
+                refuse_credentials_in_query(self.settings, query)  # on every path
+                if guarded and not self.settings.open_access:
+                    authenticate(self.settings, Headers(scope=scope).get("authorization"))
+            except (BadRequest, Unauthorized) as exc:
                 await error_response(exc)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -17,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import (
+    BadRequest,
     Conflict,
     Invalid,
     NotFound,
@@ -32,6 +33,7 @@ __all__ = ["error_response", "install_error_handlers"]
 log = logging.getLogger(__name__)
 
 _STATUS: dict[type[ServiceError], int] = {
+    BadRequest: 400,
     Unauthorized: 401,
     NotFound: 404,
     Conflict: 409,

@@ -1,6 +1,7 @@
 """Domain errors the routes raise. `app.api.errors` maps each to an HTTP answer (one place).
 
 ServiceError
+├── BadRequest          a request the service refuses outright          400 (a key in the URL)
 ├── Unauthorized        no or wrong bearer key                          401
 ├── NotFound            unknown id, or one that belongs to another key  404
 ├── Conflict            the resource's state forbids the action         409
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "BadRequest",
     "Conflict",
     "Invalid",
     "NotFound",
@@ -30,6 +32,10 @@ class ServiceError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class BadRequest(ServiceError):
+    pass
 
 
 class Unauthorized(ServiceError):

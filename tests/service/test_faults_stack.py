@@ -66,9 +66,10 @@ LEASE_TTL_S = 15
 class ApiProcess:
     """The API under uvicorn on a fixed port: it can be killed and started again in place."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, log_level: str = "warning") -> None:
         self.env = env
         self.log = log
+        self.log_level = log_level
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -78,7 +79,7 @@ class ApiProcess:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", self.log_level],
                 env=env, cwd=str(REPO_ROOT), stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
