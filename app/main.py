@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.publisher = ThreadPoolExecutor(1, thread_name_prefix="publish")
         app.state.predictors = PredictorCache(settings.predictor_cache_size)
         app.state.predict_limiter = anyio.CapacityLimiter(settings.predict_threads)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.private_files()
         # Everything imported so far lives as long as the process: keep it out of the
         # collector's full passes, which otherwise stall the event loop for ~100 ms.
         gc.collect()

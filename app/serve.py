@@ -46,7 +46,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     base = Settings()
     data_dir = Path(data_dir if data_dir is not None else base.data_dir).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    base.data_dir = data_dir
+    base.private_files()  # before Redis and the workers start: they inherit the umask
     redis_url = redis_url or base.redis_url
     redis_server: RedisServer | None = None
     procs: list[subprocess.Popen[bytes]] = []

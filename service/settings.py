@@ -15,6 +15,8 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -52,6 +54,12 @@ class Settings(BaseSettings):
         le=60,
         description="the API's Redis connect/read timeout: a stalled Redis gets a 503 after "
         "this, not a hung request (timed-out commands are not retried)",
+    )
+
+    share_with_group: bool = Field(
+        default=False,
+        description="files the service writes readable by its group (0640 / 0750) instead of "
+        "its user alone (0600 / 0700)",
     )
 
     # --- access
@@ -187,6 +195,16 @@ class Settings(BaseSettings):
                     "(no wildcard, no path)"
                 )
         return value
+
+    def private_files(self) -> None:
+        """Files this process creates are its user's alone (0600, folders 0700; with
+        `share_with_group`, readable by the group: 0640 / 0750), and the data directory exists
+        with that mode. Called at the start of the API, the worker and `mtl serve`."""
+        os.umask(0o027 if self.share_with_group else 0o077)
+        mode = 0o750 if self.share_with_group else 0o700
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=mode)
+        with contextlib.suppress(PermissionError):  # a volume owned by someone else
+            self.data_dir.chmod(mode)
 
     @property
     def open_access(self) -> bool:

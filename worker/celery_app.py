@@ -30,6 +30,12 @@ _studies: Any = None
 
 
 @worker_init.connect
+def _private_files(**_: object) -> None:
+    """Before the pool forks: every training process inherits the umask."""
+    settings.private_files()
+
+
+@worker_init.connect
 def _preload(**_: object) -> None:
     """Import torch and the trainer once in the parent: forked children start fast.
     Nothing here touches CUDA (that happens in the child)."""

@@ -610,3 +610,43 @@ def test_compose_redis_is_reached_only_with_its_password() -> None:
             assert str(port).startswith("127.0.0.1:"), (name, port)
             assert "6379" not in str(port), (name, port)
     assert services["redis"]["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+
+
+# ------------------------------------------------------------------------ file modes
+
+
+def test_files_the_service_writes_are_its_users_alone(
+    client: httpx.Client, service_env: dict[str, str]
+) -> None:
+    """An upload (the API) and a job (the worker: checkpoints, model, TensorBoard files): under
+    the data directory every folder is 0700 and every file 0600 (they were 0755 / 0644 under a
+    default umask: any local user could read every tenant's data)."""
+    r = client.post("/v1/datasets", files={"file": ("m.csv", b"text,label\nhello,a\nbye,b\n")})
+    assert r.status_code == 201, r.text
+    job = submit(client, DUMMY)
+    assert wait_for(client, job["id"], {"succeeded"})["state"] == "succeeded"
+    assert client.get(f"/v1/jobs/{job['id']}/model").status_code == 200  # an archive too
+    data_dir = Path(service_env["MTL_DATA_DIR"])
+    seen = {"dirs": 0, "files": 0}
+    wide = []
+    for path in [data_dir, *data_dir.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        kind = "dirs" if path.is_dir() else "files"
+        seen[kind] += 1
+        if mode & 0o077:
+            wide.append(f"{path.relative_to(data_dir)}: {mode:o}")
+    assert seen["dirs"] > 5 and seen["files"] > 10, seen
+    assert not wide, wide[:20]
+
+
+def test_share_with_group_opens_files_to_the_group(tmp_path: Path) -> None:
+    code = (
+        "import os, pathlib; from service.settings import Settings; "
+        f"s = Settings(data_dir=pathlib.Path({str(tmp_path / 'd')!r}), share_with_group=True); "
+        "s.private_files(); p = s.data_dir / 'f'; p.write_text('x'); "
+        "print(oct(s.data_dir.stat().st_mode & 0o777), oct(p.stat().st_mode & 0o777))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0o750", "0o640"]
