@@ -22,6 +22,8 @@ from fastapi.openapi.docs import (
 )
 from fastapi.responses import HTMLResponse, Response
 
+from app.core.headers import docs_csp
+
 __all__ = ["ASSETS_URL", "router"]
 
 router = APIRouter(include_in_schema=False)
@@ -58,32 +60,43 @@ async def swagger_ui(request: Request) -> HTMLResponse:
     app = request.app
     # validatorUrl: none, or Swagger UI would ask validator.swagger.io about a non-local spec
     parameters: dict[str, Any] = {**(app.swagger_ui_parameters or {}), "validatorUrl": None}
-    return get_swagger_ui_html(
-        openapi_url=_openapi_url(request),
-        title=f"{app.title} - Swagger UI",
-        swagger_js_url=_asset(request, "swagger-ui-bundle.js"),
-        swagger_css_url=_asset(request, "swagger-ui.css"),
-        swagger_favicon_url=_asset(request, "favicon.png"),
-        oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
-        init_oauth=app.swagger_ui_init_oauth,
-        swagger_ui_parameters=parameters,
+    return _with_csp(
+        get_swagger_ui_html(
+            openapi_url=_openapi_url(request),
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=_asset(request, "swagger-ui-bundle.js"),
+            swagger_css_url=_asset(request, "swagger-ui.css"),
+            swagger_favicon_url=_asset(request, "favicon.png"),
+            oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
+            init_oauth=app.swagger_ui_init_oauth,
+            swagger_ui_parameters=parameters,
+        )
     )
 
 
 @router.get("/docs/oauth2-redirect", response_class=HTMLResponse)
 async def swagger_ui_oauth2_redirect() -> HTMLResponse:
-    return get_swagger_ui_oauth2_redirect_html()
+    return _with_csp(get_swagger_ui_oauth2_redirect_html())
 
 
 @router.get("/redoc", response_class=HTMLResponse)
 async def redoc(request: Request) -> HTMLResponse:
-    return get_redoc_html(
-        openapi_url=_openapi_url(request),
-        title=f"{request.app.title} - ReDoc",
-        redoc_js_url=_asset(request, "redoc.standalone.js"),
-        redoc_favicon_url=_asset(request, "favicon.png"),
-        with_google_fonts=False,
+    return _with_csp(
+        get_redoc_html(
+            openapi_url=_openapi_url(request),
+            title=f"{request.app.title} - ReDoc",
+            redoc_js_url=_asset(request, "redoc.standalone.js"),
+            redoc_favicon_url=_asset(request, "favicon.png"),
+            with_google_fonts=False,
+        )
     )
+
+
+def _with_csp(page: HTMLResponse) -> HTMLResponse:
+    """The page with its own Content-Security-Policy: its inline start-up script allowed by
+    hash (the app's strict policy would block it)."""
+    page.headers["Content-Security-Policy"] = docs_csp(bytes(page.body).decode())
+    return page
 
 
 @cache
