@@ -3,6 +3,7 @@
 mtl submit CONFIG [--name N] [--follow]
 mtl jobs [--state S] | status ID [--json] | logs ID [--follow] | cancel ID | download ID
 mtl predict --job ID TEXT...   (and, as before, `mtl predict MODEL_DIR TEXT...`)
+mtl study submit FILE [--follow] | status ID [--json] | cancel ID   (`service.study_cli`)
 
 Each talks to the service over HTTP (`service.client.JobClient`); `--url` / `MTL_URL` and
 `--api-key` / `MTL_API_KEY` say where and as whom.
@@ -258,7 +259,11 @@ def predict(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the client's commands to the `mtl` app (and `--job` to `mtl predict`)."""
+    """Add the client's commands to the `mtl` app (and `--job` to `mtl predict`, and the
+    `mtl study` commands)."""
+    from service.study_cli import study_app  # it uses this module's options and helpers
+
     for command in (submit, jobs, status, logs, cancel, download):
         app.command()(command)
     replace_command(app, "predict", predict)
+    app.add_typer(study_app, name="study")

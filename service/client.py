@@ -1,8 +1,12 @@
-"""A small HTTP client for the job service (what `mtl submit/jobs/status/logs/...` use).
+"""A small HTTP client for the job service (what `mtl submit/jobs/status/logs/...` and
+`mtl study ...` use).
 
     client = JobClient("http://127.0.0.1:8000", api_key=None)
     job = client.submit(config_dict)
     for event in client.events(job["id"]):      # resumes with Last-Event-ID on a dropped link
+        ...
+    study = client.submit_study(study_body)
+    for event in client.study_events(study["id"]):  # the same, for a study's stream
         ...
 
 Only httpx: no web framework, no queue. Errors from the service become `ServiceError`, whose
@@ -19,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from httpx_sse import connect_sse
+from httpx_sse import ServerSentEvent, connect_sse
 
 from mtl.errors import MTLError
 from service.records import Event as StreamEntry
 
-__all__ = ["Event", "JobClient", "ServiceError"]
+__all__ = ["Event", "JobClient", "ServiceError", "StudyStreamEvent"]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -47,6 +51,28 @@ class Event:
     attempt: int | None
     step: int | None
     data: dict[str, Any]
+
+
+@dataclass
+class StudyStreamEvent:
+    """One message of a study's event stream: `state` ({"state", "error"?}), `trial`
+    ({"trial", "event": queued/reported/finished/pruned/failed, "value", "params", "jobs",
+    "baseline", ...}), `best` ({"trial", "value", "params"}) or the closing `end`
+    ({"state": ...}; no time)."""
+
+    id: str
+    type: str  # state | trial | best | end
+    time: float | None
+    data: dict[str, Any]
+
+
+class _Reconnect(Exception):
+    """An event stream to open again with Last-Event-ID: it ended with `error`, or the
+    service answered 503 (its Redis is away for a moment)."""
+
+    def __init__(self, error: ServiceError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _explain(response: httpx.Response) -> str:
@@ -131,6 +157,44 @@ class JobClient:
     def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[Event]:
         """Every event of the job until `end`; reconnects after a dropped connection,
         resuming after the last event received (no gap, no duplicate)."""
+        for sse in self._stream(f"/v1/jobs/{job_id}/events", last_event_id):
+            if sse.event == "end":
+                yield Event(sse.id or "", "end", None, None, json.loads(sse.data))
+            else:
+                entry = StreamEntry.model_validate_json(sse.data)
+                yield Event(sse.id, entry.type, entry.attempt, entry.step, entry.data)
+
+    # --------------------------------------------------------------------------- studies
+    def submit_study(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start a study (the body of POST /v1/studies); the service answers at once."""
+        return self._call("POST", "/v1/studies", json=body).json()
+
+    def study(self, study_id: str) -> dict[str, Any]:
+        """A study with its leaderboard (`trials`), best parameters, importances, verdict."""
+        return self._call("GET", f"/v1/studies/{study_id}").json()
+
+    def cancel_study(self, study_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/studies/{study_id}/cancel").json()
+
+    def study_events(
+        self, study_id: str, last_event_id: str | None = None
+    ) -> Iterator[StudyStreamEvent]:
+        """Every event of the study (`state`, `trial`, `best`) until `end`, reconnecting
+        like `events`."""
+        for sse in self._stream(f"/v1/studies/{study_id}/events", last_event_id):
+            body = json.loads(sse.data)
+            if sse.event == "end":
+                yield StudyStreamEvent(sse.id or "", "end", None, body)
+            else:
+                yield StudyStreamEvent(sse.id, body["type"], body.get("time"), body["data"])
+
+    # --------------------------------------------------------------------------- streams
+    def _stream(self, path: str, last_event_id: str | None = None) -> Iterator[ServerSentEvent]:
+        """The messages of an event stream (keep-alives left out) until `end`, which is the
+        last one. After a dropped connection, or an `error` event (the service lost its
+        Redis), it reconnects with `Last-Event-ID`, resuming after the last message received
+        (no gap, no duplicate), and waits through 503s; gives up after 5 failed attempts in a
+        row. Any other HTTP error from the service is a `ServiceError`."""
         failures = 0
         while True:
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
@@ -138,26 +202,33 @@ class JobClient:
                 with connect_sse(
                     self.http,
                     "GET",
-                    f"/v1/jobs/{job_id}/events",
+                    path,
                     headers=headers,
                     timeout=httpx.Timeout(30.0, read=None),
                 ) as source:
                     if source.response.status_code >= 400:
                         source.response.read()
-                        raise ServiceError(_explain(source.response), source.response.status_code)
+                        error = ServiceError(_explain(source.response), source.response.status_code)
+                        if source.response.status_code == 503:  # Redis is away: try again
+                            raise _Reconnect(error)
+                        raise error
                     for sse in source.iter_sse():
+                        if sse.event == "error":  # the service lost its Redis mid-stream
+                            detail = json.loads(sse.data or "{}").get("detail", "stream error")
+                            raise _Reconnect(ServiceError(str(detail), 503))
                         failures = 0
                         if sse.event == "end":
-                            yield Event(sse.id or "", "end", None, None, json.loads(sse.data))
+                            yield sse
                             return
                         if sse.id:
                             last_event_id = sse.id
                         if not sse.data:  # a keep-alive comment
                             continue
-                        entry = StreamEntry.model_validate_json(sse.data)
-                        yield Event(sse.id, entry.type, entry.attempt, entry.step, entry.data)
-            except httpx.HTTPError as exc:
+                        yield sse
+            except (httpx.HTTPError, _Reconnect) as exc:
                 failures += 1
                 if failures > 5:
+                    if isinstance(exc, _Reconnect):
+                        raise exc.error from None
                     raise ServiceError(f"event stream lost: {exc}") from exc
                 time.sleep(min(2.0**failures * 0.1, 3.0))

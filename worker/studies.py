@@ -176,6 +176,10 @@ class StudyDriver(threading.Thread):
             record.error = error
         if state in STUDY_TERMINAL:
             record.finished_at = time.time()
+            # the record first: whoever reads it after the event (the stream's `end`) sees
+            # the final record, verdict included
+            self._count(record, self.studies.trials(record.id))
+            self.studies.save(record)
         data: dict[str, Any] = {"state": state}
         if error:
             data["error"] = error
