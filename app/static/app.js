@@ -5,13 +5,24 @@
 
 const view = document.getElementById("view");
 const keyInput = document.getElementById("api-key");
-keyInput.value = localStorage.getItem("mtl-api-key") || "";
-keyInput.addEventListener("change", () => {
+// The key lives in this tab's sessionStorage (gone when the tab closes); "remember" keeps it
+// in localStorage too, for the next visit. Other origins cannot read either (the CSP allows
+// no script but the app's own).
+const KEY = "mtl-api-key";
+const rememberBox = document.getElementById("remember-key");
+const apiKey = () => sessionStorage.getItem(KEY) || localStorage.getItem(KEY) || "";
+keyInput.value = apiKey();
+rememberBox.checked = localStorage.getItem(KEY) !== null;
+function storeKey() {
   const key = keyInput.value.trim();
-  if (key === (localStorage.getItem("mtl-api-key") || "")) return;
-  localStorage.setItem("mtl-api-key", key);
-  route();
-});
+  const changed = key !== apiKey();
+  sessionStorage.setItem(KEY, key);
+  if (rememberBox.checked) localStorage.setItem(KEY, key);
+  else localStorage.removeItem(KEY);
+  if (changed) route();
+}
+keyInput.addEventListener("change", storeKey);
+rememberBox.addEventListener("change", storeKey);
 
 // ------------------------------------------------------------------------------ helpers
 
@@ -46,7 +57,7 @@ function toast(message, bad = false) {
 }
 
 function headers(extra = {}) {
-  const key = localStorage.getItem("mtl-api-key");
+  const key = apiKey();
   return key ? { Authorization: `Bearer ${key}`, ...extra } : extra;
 }
 

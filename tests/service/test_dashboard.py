@@ -51,7 +51,7 @@ def page(browser: Browser, service: str) -> Iterator[Page]:
     page.goto(f"{service}/")
     page.fill("#api-key", KEYS["alice"])
     page.press("#api-key", "Enter")  # commits the field: a `change` event
-    page.wait_for_function(f"localStorage.getItem('mtl-api-key') === '{KEYS['alice']}'")
+    page.wait_for_function(f"sessionStorage.getItem('mtl-api-key') === '{KEYS['alice']}'")
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -264,3 +264,31 @@ def test_api_docs_load_without_network(
         context.close()
     assert outside == [], f"requests left the host: {outside}"
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_the_key_stays_in_the_tab_unless_remembered(browser: Browser, service: str) -> None:
+    """The key is kept in the tab's sessionStorage, not localStorage: a new tab (a new
+    context: nothing shared) asks again. "remember" keeps it in localStorage; unticking it
+    forgets it there."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{service}/")
+    page.fill("#api-key", KEYS["alice"])
+    page.press("#api-key", "Enter")
+    page.wait_for_selector("text=Jobs")
+    stored = page.evaluate(
+        "[sessionStorage.getItem('mtl-api-key'), localStorage.getItem('mtl-api-key')]"
+    )
+    assert stored == [KEYS["alice"], None]
+    page.check("#remember-key")
+    assert page.evaluate("localStorage.getItem('mtl-api-key')") == KEYS["alice"]
+    page.reload()
+    assert page.input_value("#api-key") == KEYS["alice"] and page.is_checked("#remember-key")
+    page.uncheck("#remember-key")
+    assert page.evaluate("localStorage.getItem('mtl-api-key')") is None
+    context.close()
+    fresh = browser.new_context()
+    other = fresh.new_page()
+    other.goto(f"{service}/")
+    assert other.input_value("#api-key") == "" and not other.is_checked("#remember-key")
+    fresh.close()
