@@ -81,17 +81,23 @@ def parse_body(model: type[M], raw: bytes, content_type: str | None) -> M:
     except ValueError:  # not UTF-8/16/32
         raise HTTPException(400, "There was an error parsing the body") from None
     except RecursionError:
-        raise RequestValidationError(
-            [{"type": "json_invalid", "loc": ("body",), "msg": "JSON nested too deeply",
-              "input": {}}]
-        ) from None  # fmt: skip
-    bad = _lone_surrogate(data, ["body"])
-    if bad is not None:
-        raise RequestValidationError(
-            [{"type": "string_unicode", "loc": tuple(bad), "input": None,
-              "msg": "not valid Unicode (a lone surrogate escape such as \\ud800)"}]
-        )  # fmt: skip
-    return strict_body(model, data)
+        raise _too_deep() from None
+    try:
+        bad = _lone_surrogate(data, ["body"])
+        if bad is not None:
+            raise RequestValidationError(
+                [{"type": "string_unicode", "loc": tuple(bad), "input": None,
+                  "msg": "not valid Unicode (a lone surrogate escape such as \\ud800)"}]
+            )  # fmt: skip
+        return strict_body(model, data)
+    except RecursionError:  # nested deep enough for our walks, if not for the JSON parser
+        raise _too_deep() from None
+
+
+def _too_deep() -> RequestValidationError:
+    return RequestValidationError(
+        [{"type": "json_invalid", "loc": ("body",), "msg": "JSON nested too deeply", "input": {}}]
+    )
 
 
 def _lone_surrogate(value: Any, loc: list[str | int]) -> list[str | int] | None:

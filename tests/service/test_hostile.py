@@ -27,7 +27,8 @@ import httpx
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -135,6 +136,65 @@ def test_openapi_fuzz(case: Any) -> None:
         [positive_data_acceptance] if (case.method.upper(), case.path) in SEMANTIC_CHECKS else []
     )
     case.call_and_validate(excluded_checks=excluded, timeout=10)
+
+
+#: JSON bodies that once made 5xx: lone surrogates (valid JSON escapes no UTF-8 text holds)
+#: anywhere in an otherwise sensible body, and deep nesting; generated for every operation
+#: that takes a JSON body, so the class stays closed as routes are added
+SURROGATES = st.sampled_from(["\\ud800", "\\udfff", "a\\udc00b", "\\ud83d"])
+
+
+def _json_body_operations() -> list[tuple[str, str]]:
+    spec = FUZZ_APP.openapi()
+    out = []
+    for template, operations in spec["paths"].items():
+        for method, op in operations.items():
+            content = (op.get("requestBody") or {}).get("content", {})
+            if "application/json" in content and "{" not in template:
+                out.append((method.upper(), template))
+    return out
+
+
+def _with_escape(value: Any, escape: str, where: int) -> str:
+    """`value` as JSON text with the `where`-th string (or key) replaced by one holding
+    `escape` (a raw JSON escape sequence)."""
+    count = 0
+
+    def walk(v: Any) -> str:
+        nonlocal count
+        if isinstance(v, str):
+            count += 1
+            return f'"{escape}"' if count - 1 == where else json.dumps(v)
+        if isinstance(v, dict):
+            items = []
+            for k, item in v.items():
+                count += 1
+                key = f'"{escape}"' if count - 1 == where else json.dumps(k)
+                items.append(f"{key}: {walk(item)}")
+            return "{" + ", ".join(items) + "}"
+        if isinstance(v, list):
+            return "[" + ", ".join(walk(i) for i in v) + "]"
+        return json.dumps(v)
+
+    return walk(value)
+
+
+@pytest.mark.parametrize(("method", "path"), _json_body_operations())
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))  # fmt: skip
+@given(escape=SURROGATES, where=st.integers(0, 60), depth=st.integers(1, 60_000))
+def test_surrogates_and_deep_nesting_never_make_a_5xx(
+    method: str, path: str, escape: str, where: int, depth: int
+) -> None:
+    base: Any = {"texts": ["x"]} if path.endswith("predict") else {**DUMMY, "name": "x"}
+    if path == "/v1/studies":
+        base = {"base": DUMMY, "search_space": [{"path": "epochs", "int": {"low": 1, "high": 2}}]}
+    headers = {"Authorization": f"Bearer {KEYS['alice']}", "Content-Type": "application/json"}
+    with TestClient(FUZZ_APP) as api:
+        for body in (_with_escape(base, escape, where), "[" * depth + "]" * depth):
+            r = api.request(method, path, content=body.encode(), headers=headers)
+            assert r.status_code < 500, (path, r.status_code, r.text[:300])
+            r.json()  # and the answer is valid JSON
 
 
 def test_every_operation_refuses_a_missing_or_wrong_key() -> None:
