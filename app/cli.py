@@ -21,10 +21,16 @@ def serve(
         str | None, typer.Option(help="use this Redis; default: start an embedded one")
     ] = None,
 ) -> None:
-    """Run the job service: Redis (embedded unless --redis-url), one worker, and the API."""
+    """Run the job service: Redis (embedded unless --redis-url), one worker, and the API.
+    One at a time per data directory: a second one exits with status 1, naming the first."""
     from app.serve import serve as run_service  # uvicorn and the app load when it runs
+    from service.embedded import DataDirInUse
 
-    run_service(host=host, port=port, data_dir=data_dir, redis_url=redis_url)
+    try:
+        run_service(host=host, port=port, data_dir=data_dir, redis_url=redis_url)
+    except DataDirInUse as exc:
+        typer.echo(f"mtl serve: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -97,9 +97,7 @@ def refuse_credentials_in_query(settings: Settings, query: Iterable[tuple[str, s
         for key in settings.api_keys.values():
             found |= hmac.compare_digest(value.encode(), key.encode())
     if found:
-        raise BadRequest(
-            "API keys are accepted only in the Authorization header, never in the URL"
-        )
+        raise BadRequest("API keys are accepted only in the Authorization header, never in the URL")
 
 
 def authenticate(settings: Settings, authorization: str | None) -> str:

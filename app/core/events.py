@@ -12,6 +12,11 @@ subscriber only ever takes entries with ids greater than its cursor.
 When a resumed attempt prunes what older attempts reported after its checkpoint (see
 `service.store`), the hub drops the same entries from its buffer, so a late subscriber sees the
 same history as one reading Redis.
+
+When the store is gone (the hub's reads have failed for `grace_s`, or a subscriber's own read
+fails) `follow` raises `StoreUnavailable`: the routes end the stream with an `error` event,
+and the client reconnects with its Last-Event-ID (getting a 503 until Redis is back) instead of
+waiting on a stream that will never move again.
 """
 
 from __future__ import annotations
@@ -20,18 +25,41 @@ import asyncio
 import bisect
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 
+from fastapi.sse import ServerSentEvent
 from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.records import TERMINAL_STATES, Event
 
-__all__ = ["EventSource", "HubRegistry", "JobHub", "parse_id"]
+__all__ = [
+    "STORE_ERRORS",
+    "STORE_UNAVAILABLE",
+    "EventSource",
+    "HubRegistry",
+    "JobHub",
+    "StoreUnavailable",
+    "parse_id",
+]
 
 log = logging.getLogger(__name__)
 
 Entry = tuple[str, dict[str, str]]
+
+# the `data` of the `error` event that ends a stream when the store is gone
+STORE_UNAVAILABLE = "the job store (Redis) is unavailable; reconnect with Last-Event-ID"
+
+
+class StoreUnavailable(Exception):
+    """The event store did not answer (for the hub: for `grace_s`): the stream ends here."""
+
+
+# what ends a stream with the `error` event
+STORE_ERRORS = (StoreUnavailable, RedisConnectionError, RedisTimeoutError)
 
 
 def parse_id(entry_id: str) -> tuple[int, int]:
@@ -67,12 +95,22 @@ def is_terminal(fields: dict[str, str]) -> bool:
 
 class JobHub:
     def __init__(
-        self, store: EventSource, job_id: str, *, block_ms: int, buffer_size: int = 2000
+        self,
+        store: EventSource,
+        job_id: str,
+        *,
+        block_ms: int,
+        buffer_size: int = 2000,
+        grace_s: float = 2.0,
+        retry_s: float = 1.0,
     ) -> None:
         self.store = store
         self.job_id = job_id
         self.block_ms = block_ms
         self.buffer_size = buffer_size
+        self.grace_s = grace_s  # reads failing this long: the store is unavailable
+        self.retry_s = retry_s  # between failed reads
+        self.unavailable = False  # reads have failed for `grace_s` (until one succeeds)
         self.start: tuple[int, int] = (0, 0)
         self.ids: list[tuple[int, int]] = []
         self.entries: list[Entry] = []
@@ -93,21 +131,33 @@ class JobHub:
             self._task.cancel()
 
     async def _run(self) -> None:
+        last: str | None = None  # until the first read: where the hub starts
+        failing_since: float | None = None
         try:
-            last = await self.store.last_event_id(self.job_id) or "0-0"
-            self.start = parse_id(last)
-            self._ready.set()
             while not self.done:
                 try:
-                    batch = await self.store.read_events(
-                        self.job_id, last, count=500, block_ms=self.block_ms
-                    )
+                    if last is None:
+                        last = await self.store.last_event_id(self.job_id) or "0-0"
+                        self.start = parse_id(last)
+                        self._ready.set()
+                        batch: list[Entry] = []
+                    else:
+                        batch = await self.store.read_events(
+                            self.job_id, last, count=500, block_ms=self.block_ms
+                        )
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     log.warning("event hub of %s: read failed", self.job_id, exc_info=True)
-                    await asyncio.sleep(1)
+                    now = time.monotonic()
+                    failing_since = now if failing_since is None else failing_since
+                    if not self.unavailable and now - failing_since >= self.grace_s:
+                        self.unavailable = True  # the subscribers end their streams
+                        self._ready.set()
+                        self._notify()
+                    await asyncio.sleep(self.retry_s)
                     continue
+                failing_since, self.unavailable = None, False
                 if batch:
                     last = batch[-1][0]
                     self._add(batch)
@@ -177,16 +227,28 @@ class JobHub:
 class HubRegistry:
     """The hubs of one API process, by job id, shared while anyone subscribes."""
 
-    def __init__(self, store: EventSource, *, block_ms: int) -> None:
+    def __init__(
+        self, store: EventSource, *, block_ms: int, grace_s: float = 2.0, retry_s: float = 1.0
+    ) -> None:
         self.store = store
         self.block_ms = block_ms
+        self.grace_s = grace_s
+        self.retry_s = retry_s
         self.hubs: dict[str, JobHub] = {}
 
     @contextlib.asynccontextmanager
     async def subscribe(self, job_id: str) -> AsyncIterator[JobHub]:
         hub = self.hubs.get(job_id)
-        if hub is None or (not hub.alive and not hub.done):
-            hub = JobHub(self.store, job_id, block_ms=self.block_ms)
+        if hub is None or (not hub.alive and not hub.done) or hub.unavailable:
+            # (a hub that gave up on the store is left to its leaving subscribers: this
+            # subscriber got through to Redis, so a fresh reader starts)
+            hub = JobHub(
+                self.store,
+                job_id,
+                block_ms=self.block_ms,
+                grace_s=self.grace_s,
+                retry_s=self.retry_s,
+            )
             self.hubs[job_id] = hub
             hub.start_reader()
         hub.users += 1
@@ -195,8 +257,9 @@ class HubRegistry:
             yield hub
         finally:
             hub.users -= 1
-            if hub.users == 0 and self.hubs.get(job_id) is hub:
-                del self.hubs[job_id]
+            if hub.users == 0:
+                if self.hubs.get(job_id) is hub:
+                    del self.hubs[job_id]
                 hub.stop_reader()
 
     async def close(self) -> None:
@@ -212,7 +275,19 @@ async def follow(
 ) -> AsyncGenerator[Entry | None, None]:
     """The job's entries after `cursor`, live, until its terminal state event. Yields None
     when nothing happened for `keepalive_s` (time for a keep-alive comment) and ends after
-    the terminal entry, or when the job is gone or already finished."""
+    the terminal entry, or when the job is gone or already finished. Raises
+    `StoreUnavailable` when the store is gone (after the entries read before)."""
+    try:
+        async with contextlib.aclosing(_follow(hubs, store, job_id, cursor, keepalive_s)) as items:
+            async for item in items:
+                yield item
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise StoreUnavailable(str(exc)) from exc
+
+
+async def _follow(
+    hubs: HubRegistry, store: EventSource, job_id: str, cursor: str, keepalive_s: float
+) -> AsyncGenerator[Entry | None, None]:
     position = parse_id(cursor)
     async with hubs.subscribe(job_id) as hub:
         checked_state = False
@@ -231,6 +306,8 @@ async def follow(
                     if is_terminal(fields):
                         return
                 continue
+            if hub.unavailable:
+                raise StoreUnavailable(f"the event reader of {job_id} cannot read the store")
             if not checked_state or not hub.alive:
                 # a finished job whose history the client already has: end now
                 checked_state = True
@@ -247,3 +324,32 @@ async def follow(
                         continue
                     return
                 yield None
+
+
+async def server_sent_events(
+    hubs: HubRegistry,
+    store: EventSource,
+    id_: str,
+    cursor: str,
+    keepalive_s: float,
+    on_event: Callable[[], object] | None = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """A job's or a study's stream as server-sent events: each entry with its stream id as
+    `id` (reconnect with `Last-Event-ID`), keep-alive comments while idle, then `end` with the
+    final state; `error` (`{"detail"}`, no `id`) when the store goes away. `on_event` counts."""
+    stream = follow(hubs, store, id_, cursor, keepalive_s)
+    try:
+        async with contextlib.aclosing(stream) as entries:
+            async for entry in entries:
+                if entry is None:
+                    yield ServerSentEvent(comment="keep-alive")
+                    continue
+                entry_id, fields = entry
+                yield ServerSentEvent(id=entry_id, event=fields.get("t"), raw_data=fields.get("e"))
+                if on_event is not None:
+                    on_event()
+        state = await store.state(id_)
+    except STORE_ERRORS:
+        yield ServerSentEvent(event="error", data={"detail": STORE_UNAVAILABLE})
+        return
+    yield ServerSentEvent(event="end", data={"state": state})

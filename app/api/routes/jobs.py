@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -43,7 +42,7 @@ from app.api.schemas import (
 )
 from app.api.validation import job_body_openapi
 from app.core.errors import Conflict, NotFound, TooManyJobs
-from app.core.events import HubRegistry, follow
+from app.core.events import HubRegistry, server_sent_events
 from app.core.models import archive_dir, model_archive, predict_texts
 from service.async_store import CancelOutcome, CreateOutcome, DeleteOutcome, NewJob
 from service.queue import enqueue
@@ -340,21 +339,15 @@ async def stream_events(
 ) -> AsyncIterator[ServerSentEvent]:
     """Every event has its Redis stream id as `id`: reconnect with `Last-Event-ID` to get
     exactly the events missed. Comments keep idle connections alive; after the job reaches a
-    terminal state the stream sends `end` and closes."""
+    terminal state the stream sends `end` and closes. If the job store (Redis) goes away the
+    stream sends `error` (`{"detail"}`, no `id`) and closes: reconnect with `Last-Event-ID`."""
+    hubs: HubRegistry = request.app.state.hubs
     cursor = last_event_id or after or "0-0"
     events_sent = request.app.state.metrics.events
-    hubs: HubRegistry = request.app.state.hubs
-    stream = follow(hubs, jobs, job.id, cursor, settings.sse_keepalive_s)
-    async with contextlib.aclosing(stream) as entries:
-        async for entry in entries:
-            if entry is None:
-                yield ServerSentEvent(comment="keep-alive")
-                continue
-            entry_id, fields = entry
-            yield ServerSentEvent(id=entry_id, event=fields.get("t"), raw_data=fields.get("e"))
-            events_sent.inc()
-    state = await jobs.state(job.id)
-    yield ServerSentEvent(event="end", data={"state": state})
+    async for message in server_sent_events(
+        hubs, jobs, job.id, cursor, settings.sse_keepalive_s, on_event=events_sent.inc
+    ):
+        yield message
 
 
 @router.post(

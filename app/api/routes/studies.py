@@ -6,7 +6,6 @@ A study runs on the workers (`worker.studies`): the API stores the request, answ
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import time
@@ -39,7 +38,7 @@ from app.api.validation import (
     parse_body,
 )
 from app.core.errors import Conflict, Invalid, NotFound
-from app.core.events import HubRegistry, follow
+from app.core.events import HubRegistry, server_sent_events
 from app.core.models import model_archive, predict_texts
 from mtl.config import TrainConfig
 from service.async_store import DeleteOutcome
@@ -288,18 +287,14 @@ async def stream_study_events(
     after: Annotated[str | None, Query(pattern=STREAM_ID, description="like Last-Event-ID")] = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Like a job's stream: every event has its stream id as `id` (reconnect with
-    `Last-Event-ID`), and `end` follows the study's terminal state."""
+    `Last-Event-ID`), and `end` follows the study's terminal state; `error` (`{"detail"}`)
+    when the store (Redis) goes away: reconnect with `Last-Event-ID`."""
     hubs: HubRegistry = request.app.state.study_hubs
     cursor = last_event_id or after or "0-0"
-    stream = follow(hubs, studies, study.id, cursor, settings.sse_keepalive_s)
-    async with contextlib.aclosing(stream) as entries:
-        async for entry in entries:
-            if entry is None:
-                yield ServerSentEvent(comment="keep-alive")
-                continue
-            entry_id, fields = entry
-            yield ServerSentEvent(id=entry_id, event=fields.get("t"), raw_data=fields.get("e"))
-    yield ServerSentEvent(event="end", data={"state": await studies.state(study.id)})
+    async for message in server_sent_events(
+        hubs, studies, study.id, cursor, settings.sse_keepalive_s
+    ):
+        yield message
 
 
 @router.post(
