@@ -141,6 +141,7 @@ class StudyDriver(threading.Thread):
         for trial in trials.values():
             if trial.state not in TRIAL_FINAL:
                 self._follow(study, spec, record, trial, cancel)
+        self._best(spec, record, trials)
         if cancel:
             self._cancel(record, trials)
         elif record.state is StudyState.SEARCHING:
@@ -314,22 +315,31 @@ class StudyDriver(threading.Thread):
             data["value"] = trial.value
         if error:
             data["error"] = error
-        event = {"complete": "finished", "pruned": "pruned"}.get(state, "failed")
-        data["event"] = event
+        data["event"] = {"complete": "finished", "pruned": "pruned", "cancelled": "cancelled"}.get(
+            state, "failed"
+        )
         self.studies.event(record.id, "trial", data)
-        if trial.kind is TrialKind.SEARCH and state is TrialState.COMPLETE:
-            better = record.best_value is None or (
-                trial.value is not None
-                and (trial.value > record.best_value) == spec.objective.maximize
-                and trial.value != record.best_value
-            )
-            if better:
-                record.best_trial, record.best_value = trial.number, trial.value
-                record.best_params, record.model_job = trial.params, trial.jobs[0]
-                self.studies.event(
-                    record.id, "best", {"trial": trial.number, "value": trial.value,
-                                        "params": trial.params},
-                )  # fmt: skip
+
+    def _best(self, spec: StudyCreate, record: StudyRecord, trials: dict[int, TrialRecord]) -> None:
+        """The best complete search trial, recomputed from the trials every pass (so a pass
+        cut short between a trial's end and the record's save loses nothing); a change is an
+        event."""
+        done = [
+            t
+            for t in trials.values()
+            if t.kind is TrialKind.SEARCH and t.state is TrialState.COMPLETE and t.value is not None
+        ]
+        if not done:
+            return
+        sign = 1.0 if spec.objective.maximize else -1.0
+        best = max(done, key=lambda t: (sign * (t.value or 0.0), -t.number))
+        if best.number != record.best_trial:
+            record.best_trial, record.best_value = best.number, best.value
+            record.best_params, record.model_job = best.params, best.jobs[0]
+            self.studies.event(
+                record.id, "best", {"trial": best.number, "value": best.value,
+                                    "params": best.params},
+            )  # fmt: skip
 
     # ---------------------------------------------------------------------------- cancelling
     def _cancel(self, record: StudyRecord, trials: dict[int, TrialRecord]) -> None:
