@@ -31,6 +31,7 @@ from mtl.datafiles import (
     build_label_maps,
     check_data,
     inspect_records,
+    iter_records,
     read_records,
 )
 from mtl.errors import DataError
@@ -697,3 +698,161 @@ def test_jsonl_rows_that_no_utf8_text_holds_are_data_errors(
     with pytest.raises(DataError, match=words) as caught:
         read_records(path)
     assert caught.value.row == 2 and caught.value.column == column
+
+
+# ------------------------------------------------------------------------- streaming
+
+#: Inputs whose line ends, multi-byte characters, BOM or bad bytes can fall on a chunk border.
+STREAMED: dict[str, tuple[str, bytes]] = {
+    "CRLF, quoted newlines, BOM": (
+        "csv",
+        b'\xef\xbb\xbftext,label\r\n"two\r\nlines",a\r\n\r\nplain,b\r\n"say ""hi""",c',
+    ),
+    "lone CR line ends": ("csv", b"text,label\rone,a\r\rtwo,b\r"),
+    "multi-byte characters": ("csv", "text,label\nça va,é\n€ 😀,ü\n".encode()),
+    "invalid UTF-8 late": ("csv", b"text,label\nok,a\n\nfine,b\nbad \xe2\x82 end,c\n"),
+    "truncated at the end": ("csv", b"text,label\nok,a\nbad \xc3"),
+    "NUL late": ("csv", b"text,label\r\nok,a\r\nok,b\x00\r\n"),
+    "NUL before invalid UTF-8": ("csv", b"text,label\nok,\x00\nbad \xff,b\n"),
+    "malformed quote, then invalid UTF-8": ("csv", b'text,label\n"ok"x,a\nbad \xff,b\n'),
+    "BOM only": ("csv", b"\xef\xbb\xbf"),
+    "JSONL": ("jsonl", '{"t": "é😀"}\r\n\n{"t": 2}\n'.encode()),
+    "JSONL, invalid UTF-8 late": ("jsonl", b'{"t": 1}\n\n{"t": "\xf0\x9f\x98"}\n'),
+}
+
+
+def _outcome(path: Path) -> tuple[Any, ...]:
+    try:
+        return ("rows", read_records(path, name="f"))
+    except DataError as err:
+        return ("error", str(err), err.row, err.column)
+
+
+@pytest.mark.parametrize("case", list(STREAMED), ids=list(STREAMED))
+def test_reading_does_not_depend_on_the_chunk_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """`iter_records` decodes and splits lines chunk by chunk: with chunks of 1, 2, 3, 5 or 64
+    bytes the rows, or the error with its row, column, line and byte offset, are those read
+    in one chunk."""
+    fmt, data = STREAMED[case]
+    path = write(tmp_path / f"x.{fmt}", data)
+    monkeypatch.setattr("mtl.datafiles.reading.CHUNK_BYTES", 1 << 20)
+    expected = _outcome(path)
+    for size in (1, 2, 3, 5, 64):
+        monkeypatch.setattr("mtl.datafiles.reading.CHUNK_BYTES", size)
+        assert _outcome(path) == expected, size
+
+
+def test_streamed_errors_name_row_column_line_and_offset(tmp_path: Path) -> None:
+    outcome = {}
+    for i, (case, (fmt, data)) in enumerate(STREAMED.items()):
+        outcome[case] = _outcome(write(tmp_path / f"{i}.{fmt}", data))
+    assert outcome["CRLF, quoted newlines, BOM"][1] == [
+        {"text": "two\r\nlines", "label": "a"},
+        {"text": "plain", "label": "b"},
+        {"text": 'say "hi"', "label": "c"},
+    ]
+    assert outcome["lone CR line ends"][1] == [
+        {"text": "one", "label": "a"},
+        {"text": "two", "label": "b"},
+    ]
+    assert outcome["invalid UTF-8 late"] == (
+        "error",
+        "f, row 3, column 'text': not valid UTF-8: bytes e2 82 at byte offset 28 (line 5); "
+        "save the file as UTF-8",
+        3,
+        "text",
+    )
+    assert outcome["truncated at the end"][1:] == (
+        "f, row 2, column 'text': not valid UTF-8: bytes c3 at byte offset 20 (line 3); "
+        "save the file as UTF-8",
+        2,
+        "text",
+    )
+    assert outcome["NUL late"][2:] == (2, "label") and "NUL byte (line 3)" in outcome["NUL late"][1]
+    # the first problem in the file is the one reported
+    assert outcome["NUL before invalid UTF-8"][1].startswith(
+        "f, row 1, column 'label': contains a NUL"
+    )
+    assert "malformed CSV near line 2" in outcome["malformed quote, then invalid UTF-8"][1]
+    assert outcome["BOM only"][1] == "f: no rows: the file is empty"
+    assert outcome["JSONL"][1] == [{"t": "é😀"}, {"t": 2}]
+    assert outcome["JSONL, invalid UTF-8 late"][1:] == (
+        "f, row 2: not valid UTF-8: bytes f0 9f 98 at byte offset 17 (line 3); "
+        "save the file as UTF-8",
+        2,
+        None,
+    )
+
+
+def test_iter_records_yields_rows_before_a_late_problem(tmp_path: Path) -> None:
+    """Rows come one at a time as the file is read; a problem further on is raised when the
+    reading gets there (a caller must finish the iteration before trusting the rows)."""
+    path = write(tmp_path / "late.csv", b"text,label\nok,a\n\nfine,b\nbad \xe2\x82 end,c\n")
+    rows = iter_records(path, name="dataset:x")
+    assert next(rows) == {"text": "ok", "label": "a"}
+    assert next(rows) == {"text": "fine", "label": "b"}
+    err = data_error(next, rows)
+    assert (err.row, err.column) == (3, "text") and "not valid UTF-8" in str(err)
+    # the format is checked at once; the file is opened on the first row
+    err = data_error(iter_records, tmp_path / "notes.txt")
+    assert "format" in str(err)
+    missing = iter_records(tmp_path / "nope.csv")
+    assert "not found" in str(data_error(next, missing))
+
+
+def test_reading_and_inspecting_a_file_holds_a_chunk_not_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`inspect_records` over `iter_records` (64 KiB chunks here): the peak of Python
+    allocations (tracemalloc) is a few chunks, well under the file's size, and the same for
+    20 000 and 80 000 short unique rows (reading the whole file into records took many times
+    its size)."""
+    import tracemalloc
+
+    monkeypatch.setattr("mtl.datafiles.reading.CHUNK_BYTES", 64 * 1024)
+
+    def peak(rows: int) -> tuple[int, int]:
+        path = tmp_path / f"{rows}.csv"
+        with open(path, "w") as f:
+            f.write("id,text,label\n")
+            f.writelines(f"{i},short review number {i},{'abc'[i % 3]}\n" for i in range(rows))
+        tracemalloc.start()
+        try:
+            info = inspect_records(iter_records(path), "x", max_values=100)
+            top = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert info.rows == rows and info.label_values["label"] == ["a", "b", "c"]
+        assert info.label_values["id"] == [str(i) for i in range(100)] and info.capped["id"]
+        return top, path.stat().st_size
+
+    (small, _), (large, size) = peak(20_000), peak(80_000)
+    print(f"peak {small / 2**20:.2f} MiB, {large / 2**20:.2f} MiB (file {size / 2**20:.1f} MiB)")
+    assert large < size / 2, (large, size)
+    assert large < small * 1.25 + 2**18, (small, large)
+
+
+def test_inspect_records_streams_with_bounded_values() -> None:
+    """One pass over a generator: the distinct values listed are the `max_values` smallest in
+    `_sort_keys` order (numeric while every value is an integer), `capped` says there were
+    more, and a column that first appears late is missing in the rows before."""
+    rng = np.random.default_rng(0)
+    ints = [int(v) for v in rng.integers(-5000, 5000, size=20_000)]
+
+    def rows() -> Any:
+        for i, v in enumerate(ints):
+            rec: dict[str, Any] = {"n": v, "s": str(v)}
+            if i >= 15_000:
+                rec["late"] = "x" if i % 2 else ""
+            yield rec
+        yield {"n": None, "s": "not a number", "late": "y"}
+
+    info = inspect_records(rows(), "x", max_values=7)
+    assert info.rows == 20_001 and info.columns == ["n", "s", "late"]
+    assert info.label_values["n"] == [str(v) for v in sorted(set(ints))[:7]]
+    assert info.label_values["s"] == sorted({str(v) for v in ints} | {"not a number"})[:7]
+    assert info.capped == {"n": True, "s": True, "late": False}
+    assert info.label_values["late"] == ["x", "y"]
+    assert info.missing == {"n": 1, "s": 0, "late": 15_000 + 2_500}

@@ -1,5 +1,11 @@
 """Reading CSV and JSONL files into records, and locating where a file goes wrong.
 
+Streaming: `iter_records` reads a file in chunks, decodes them incrementally (strict UTF-8) and
+yields one record at a time, so what it holds is a chunk and the row being parsed, not the
+file; `read_records` is the same reader collecting a list. Invalid UTF-8 and NUL bytes are
+noted as the decoder meets them and raised when the parser reaches their line, naming the row
+and column; the first problem in the file is the one raised.
+
 Formats: CSV (UTF-8, header row, RFC-4180 quoting, read with the `csv` module) and JSONL (one
 JSON object per line). A UTF-8 byte-order mark is ignored.
 
@@ -13,14 +19,16 @@ quoted fields with newlines.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
+import itertools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, BinaryIO, Literal, NoReturn
 
 from mtl.errors import DataError
 
@@ -28,9 +36,12 @@ from .columns import Record, _json_type, check_text, require_columns
 
 #: Largest CSV field accepted (characters).
 CSV_FIELD_LIMIT = 64 * 1024 * 1024
+#: Bytes read (and decoded) at a time by `iter_records`.
+CHUNK_BYTES = 1024 * 1024
 
 _SUFFIX_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json-lines": "jsonl", ".ndjson": "jsonl"}
 _SURROGATE_RE = re.compile("[\udc80-\udcff]")
+_NUL_RE = re.compile("\x00")
 
 Format = Literal["auto", "csv", "jsonl"]
 
@@ -67,27 +78,28 @@ def read_records(
     `name` is how errors name the file (default: the path); the service passes the
     ``dataset:<id>`` reference so that errors do not show its storage paths. With `text_column`,
     that column must exist and hold a non-empty string in every row. `max_rows` stops reading
-    after that many rows. CSV values are strings; JSONL values are whatever JSON holds.
-    Raises `DataError` naming the file, row and column of the first problem.
+    after that many rows (the rest of the file is neither read nor checked). CSV values are
+    strings; JSONL values are whatever JSON holds. Raises `DataError` naming the file, row and
+    column of the first problem.
 
-    Caps for untrusted files (files only; the service's upload checks): a row (the CSV header
-    included) with more than `max_columns` columns (JSON keys in JSONL), or a string value
-    longer than `max_field_chars` characters (top-level JSON values in JSONL), is a
-    `DataError` naming the row and column. Each row is checked as soon as it is parsed, before
-    it becomes a record.
+    A file is read with `iter_records` (see there for the caps `max_columns` and
+    `max_field_chars`); this holds all its records in a list.
     """
     if isinstance(source, str | Path):
-        path = Path(source)
         fname = name if name is not None else str(source)
-        fmt = detect_format(path, format, name=fname)
-        data = _read_bytes(path, fname)
-        text = _decode(data, fname, fmt)
-        limits = _Limits(fname, max_columns, max_field_chars)
-        records = (
-            _parse_csv(text, fname, max_rows, limits)
-            if fmt == "csv"
-            else _parse_jsonl(text, fname, max_rows, limits)
+        records: list[Record] = []
+        rows = iter_records(
+            source,
+            format=format,
+            name=fname,
+            max_columns=max_columns,
+            max_field_chars=max_field_chars,
         )
+        with contextlib.closing(rows):
+            for record in rows:
+                records.append(record)
+                if max_rows is not None and len(records) >= max_rows:
+                    break
     else:
         fname = name if name is not None else "<records>"
         records = []
@@ -106,82 +118,246 @@ def read_records(
     return records
 
 
-def _read_bytes(path: Path, name: str) -> bytes:
+def iter_records(
+    path: str | Path,
+    *,
+    format: Format = "auto",
+    name: str | None = None,
+    max_columns: int | None = None,
+    max_field_chars: int | None = None,
+) -> Generator[Record, None, None]:
+    """The records of a CSV or JSONL file, one at a time, as it is read.
+
+    The file is read in chunks of `CHUNK_BYTES` and decoded as it goes (strict UTF-8): what is
+    held at any time is a chunk and the row being parsed, never the whole file. Every problem
+    is the same `DataError` `read_records` raises (it is this reader), raised when the reading
+    reaches it: rows before it have been yielded by then, so a caller that stores or counts
+    rows must finish the iteration before trusting them. When the iteration ends without an
+    error, every byte of the file was valid UTF-8 without NUL bytes and every row parsed.
+
+    Caps for untrusted files (the service's upload checks): a row (the CSV header included)
+    with more than `max_columns` columns (JSON keys in JSONL), or a string value longer than
+    `max_field_chars` characters (top-level JSON values in JSONL), is a `DataError` naming the
+    row and column. Each row is checked as soon as it is parsed, before it becomes a record.
+
+    The format is checked at once (a `DataError` for an unknown one); the file is opened on
+    the first `next()`. Close the generator (`contextlib.closing`) when stopping early.
+    """
+    fname = name if name is not None else str(path)
+    fmt = detect_format(path, format, name=fname)
+    return _iter_file(Path(path), fname, fmt, _Limits(fname, max_columns, max_field_chars))
+
+
+def _iter_file(path: Path, name: str, fmt: str, limits: _Limits) -> Generator[Record, None, None]:
     try:
-        return path.read_bytes()
+        file = open(path, "rb")  # noqa: SIM115 (closed by the `with` below)
     except FileNotFoundError:
         raise DataError("file not found", file=name) from None
     except IsADirectoryError:
         raise DataError("is a directory, not a file", file=name) from None
     except OSError as exc:
         raise DataError(f"cannot read the file: {exc.strerror or exc}", file=name) from None
+    with file:
+        text = _TextStream(file)
+        try:
+            if fmt == "csv":
+                yield from _parse_csv(text, name, limits)
+            else:
+                yield from _parse_jsonl(text, name, limits)
+        except OSError as exc:
+            raise DataError(f"cannot read the file: {exc.strerror or exc}", file=name) from None
 
 
-def _decode(data: bytes, name: str, fmt: str) -> str:
-    """UTF-8 decode (BOM dropped); invalid bytes and NUL bytes are errors naming the row."""
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        bad = data[exc.start : exc.end].hex(" ")
-        loose = data.decode("utf-8", errors="surrogateescape")
-        row, column = _locate_line(loose, fmt, line, _SURROGATE_RE)
-        raise DataError(
-            f"not valid UTF-8: bytes {bad} at byte offset {exc.start} (line {line}); save the "
-            f"file as UTF-8",
-            file=name,
-            row=row,
-            column=column,
-        ) from None
-    nul = text.find("\x00")
-    if nul >= 0:
-        line = text.count("\n", 0, nul) + 1
-        row, column = _locate_line(text, fmt, line, re.compile("\x00"))
-        raise DataError(
-            f"contains a NUL byte (line {line}); is this a binary or UTF-16 file?",
-            file=name,
-            row=row,
-            column=column,
-        )
-    return text
+@dataclass(frozen=True)
+class _Problem:
+    """Invalid UTF-8 or a NUL byte, found while decoding and reported once the parser reaches
+    it (to name the row and column). `line` counts ``\\n`` (the message's line, and JSONL's);
+    `csv_line` counts lines as `csv.reader` does (``\\r`` alone also ends one)."""
+
+    line: int
+    csv_line: int
+    message: str
+    pattern: re.Pattern[str]
+
+    def error(
+        self, name: str, row: int | None, fields: Sequence[str] = (), header: Sequence[str] = ()
+    ) -> DataError:
+        """The error for data row `row` (None: the header or unknown), naming the first of its
+        `fields` that holds the bad character (by `header` name, or ``#n`` past the header)."""
+        column = None
+        if row is not None:
+            column = next(
+                (
+                    header[j] if j < len(header) else f"#{j + 1}"
+                    for j, value in enumerate(fields)
+                    if self.pattern.search(value)
+                ),
+                None,
+            )
+        return DataError(self.message, file=name, row=row, column=column)
 
 
-def _locate_line(
-    text: str, fmt: str, line: int, pattern: re.Pattern[str]
-) -> tuple[int | None, str | None]:
-    """The data row (and, when found, the column) that holds physical line `line`."""
-    if fmt == "jsonl":
-        lines = text.split("\n")[:line]
-        row = sum(1 for ln in lines if ln.strip())
-        return (row or None), None
-    try:
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header: list[str] | None = None
-        row = 0
-        for fields in reader:
-            if not fields:
-                continue
-            if header is None:
-                header = [h.strip() for h in fields]
-                if reader.line_num >= line:
-                    return None, None  # in the header
-                continue
-            row += 1
-            if reader.line_num >= line:
-                column = next(
-                    (
-                        header[j] if j < len(header) else f"#{j + 1}"
-                        for j, value in enumerate(fields)
-                        if pattern.search(value)
-                    ),
-                    None,
+def _breaks(text: str) -> int:
+    """Line ends in `text` as `csv.reader` counts them: ``\\n``, ``\\r\\n`` or a lone ``\\r``."""
+    return text.count("\n") + text.count("\r") - text.count("\r\n")
+
+
+class _TextStream:
+    """A binary file as UTF-8 text, chunk by chunk (a leading BOM dropped).
+
+    The first invalid byte sequence and the first NUL byte are noted (`bad_utf8`, `nul`), not
+    raised: the parser raises them when it reaches them, naming the row and column (CSV: the
+    first row whose fields hold the character, `within`; JSONL: by line, `due`). After invalid
+    UTF-8 the rest is decoded with ``surrogateescape`` (the bad bytes become U+DC80..U+DCFF)
+    so the parser can get there. A parser only ever sees whole lines, so a problem in a line
+    it has read has been noted; one the parser has not reached when the file ends
+    (`pending`) is raised then.
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.chunk_bytes = CHUNK_BYTES
+        self.bad_utf8: _Problem | None = None
+        self.nul: _Problem | None = None
+
+    def due(self, line: int, *, csv_lines: bool = False) -> _Problem | None:
+        """The problem at or before line `line` (`_Problem.csv_line` with `csv_lines`, else
+        `_Problem.line`), if any; invalid UTF-8 first."""
+        for problem in (self.bad_utf8, self.nul):
+            if problem is not None and (problem.csv_line if csv_lines else problem.line) <= line:
+                return problem
+        return None
+
+    def within(self, fields: Sequence[str]) -> _Problem | None:
+        """The problem whose character one of `fields` holds, if any (invalid UTF-8 first).
+        Only the bad bytes and NULs met so far escape into the text, so the first CSV row that
+        holds one is the row of the first."""
+        for problem in (self.bad_utf8, self.nul):
+            if problem is not None and any(map(problem.pattern.search, fields)):
+                return problem
+        return None
+
+    def pending(self) -> _Problem | None:
+        return self.bad_utf8 or self.nul
+
+    def chunks(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        offset = 0  # bytes decoded so far, after the BOM
+        newlines = 0  # "\n" in the text so far
+        breaks = 0  # csv line ends in the text so far (a final "\r" counted as one)
+        after_cr = False  # the text so far ends with "\r"
+        first = True
+        while True:
+            data = self.file.read(max(self.chunk_bytes, 3) if first else self.chunk_bytes)
+            final = not data
+            if first:
+                first = False
+                if data.startswith(codecs.BOM_UTF8):
+                    data = data[len(codecs.BOM_UTF8) :]
+            text, bad = self._decode(decoder, data, final, offset)
+            offset += len(data)
+            joined = int(after_cr and text.startswith("\n"))  # "\r" | "\n": one line end
+            if bad is not None:
+                match = _SURROGATE_RE.search(text)
+                at = match.start() if match else 0
+                line = newlines + text.count("\n", 0, at) + 1
+                csv_line = breaks - (joined if at else 0) + _breaks(text[:at]) + 1
+                self.bad_utf8 = _Problem(
+                    line,
+                    csv_line,
+                    f"not valid UTF-8: bytes {bad[1]} at byte offset {bad[0]} (line {line}); "
+                    f"save the file as UTF-8",
+                    _SURROGATE_RE,
                 )
-                return row, column
-    except csv.Error:
-        pass
-    return None, None
+            if self.nul is None:
+                at = text.find("\x00")
+                if at >= 0:
+                    line = newlines + text.count("\n", 0, at) + 1
+                    csv_line = breaks - (joined if at else 0) + _breaks(text[:at]) + 1
+                    self.nul = _Problem(
+                        line,
+                        csv_line,
+                        f"contains a NUL byte (line {line}); is this a binary or UTF-16 file?",
+                        _NUL_RE,
+                    )
+            if text:
+                newlines += text.count("\n")
+                breaks += _breaks(text) - joined
+                after_cr = text.endswith("\r")
+                yield text
+            if final:
+                return
+
+    @staticmethod
+    def _decode(
+        decoder: codecs.IncrementalDecoder, data: bytes, final: bool, offset: int
+    ) -> tuple[str, tuple[int, str] | None]:
+        """The text of `data`, and at the first invalid UTF-8 its byte offset in the file and
+        its bytes (hex); the decoder then goes on with ``surrogateescape``."""
+        held = decoder.getstate()[0]  # the start of a sequence cut by the last chunk
+        try:
+            return decoder.decode(data, final), None
+        except UnicodeDecodeError as exc:
+            bad = exc.object[exc.start : exc.end].hex(" ")  # exc.object: held + data
+            decoder.errors = "surrogateescape"
+            return decoder.decode(data, final), (offset - len(held) + exc.start, bad)
+
+
+_LINE_BREAK = re.compile(r"\r\n?|\n")
+
+
+def _csv_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """The lines of text that arrives in chunks, split as `io.StringIO(text, newline="")`
+    splits them (at ``\\n``, ``\\r\\n`` or ``\\r``, the ending kept), for `csv.reader`."""
+    return itertools.chain.from_iterable(_csv_line_batches(chunks))
+
+
+def _csv_line_batches(chunks: Iterable[str]) -> Iterator[Iterable[str]]:
+    partial: list[str] = []  # the start of a line whose end has not come yet
+    held = ""  # a chunk's final "\r": the next chunk may begin with its "\n"
+    for chunk in chunks:
+        text = held + chunk if held else chunk
+        held = ""
+        if text.endswith("\r"):
+            text, held = text[:-1], "\r"
+        last = max(text.rfind("\n"), text.rfind("\r"))  # a "\r" here is not before a "\n"
+        if last < 0:
+            partial.append(text)
+            continue
+        start = 0
+        if partial:
+            match = _LINE_BREAK.search(text)
+            assert match is not None
+            start = match.end()
+            partial.append(text[:start])
+            yield ("".join(partial),)
+            partial = []
+        if start <= last:
+            yield io.StringIO(text[start : last + 1], newline="")
+        if last + 1 < len(text):
+            partial.append(text[last + 1 :])
+    rest = "".join(partial) + held
+    if rest:
+        yield (rest,)
+
+
+def _jsonl_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """The lines of text that arrives in chunks, split at ``\\n`` (the ``\\n`` dropped),
+    as `text.split("\\n")` splits it."""
+    return itertools.chain.from_iterable(_jsonl_line_batches(chunks))
+
+
+def _jsonl_line_batches(chunks: Iterable[str]) -> Iterator[list[str]]:
+    partial: list[str] = []
+    for text in chunks:
+        last = text.rfind("\n")
+        if last < 0:
+            partial.append(text)
+            continue
+        partial.append(text[:last])
+        yield "".join(partial).split("\n")
+        partial = [text[last + 1 :]]
+    yield ["".join(partial)]
 
 
 @dataclass(frozen=True)
@@ -228,19 +404,26 @@ class _Limits:
         )
 
 
-def _parse_csv(text: str, name: str, max_rows: int | None, limits: _Limits) -> list[Record]:
+def _parse_csv(text: _TextStream, name: str, limits: _Limits) -> Iterator[Record]:
     field_limit = CSV_FIELD_LIMIT
     if limits.max_field_chars is not None:
         field_limit = max(field_limit, limits.max_field_chars + 1)
     if csv.field_size_limit() < field_limit:
         csv.field_size_limit(field_limit)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    reader = csv.reader(_csv_lines(text.chunks()), strict=True)
     header: list[str] | None = None
-    records: list[Record] = []
     row = 0
     try:
         for fields in reader:
-            if not fields or (len(fields) == 1 and not fields[0].strip()):
+            if not fields:
+                continue  # blank line
+            if text.bad_utf8 is not None or text.nul is not None:
+                problem = text.within(fields)
+                if problem is not None:
+                    if header is None:
+                        raise problem.error(name, None)
+                    raise problem.error(name, row + 1, fields, header)
+            if len(fields) == 1 and not fields[0].strip():
                 continue  # blank line
             if header is None:
                 limits.check_fields(fields, row=None, header=None)
@@ -261,10 +444,11 @@ def _parse_csv(text: str, name: str, max_rows: int | None, limits: _Limits) -> l
                     file=name,
                     row=row,
                 )
-            records.append(dict(zip(header, fields, strict=True)))
-            if max_rows is not None and len(records) >= max_rows:
-                break
+            yield dict(zip(header, fields, strict=True))
     except csv.Error as exc:
+        problem = text.due(reader.line_num, csv_lines=True)
+        if problem is not None:
+            raise problem.error(name, row + 1 if header is not None else None) from None
         if limits.max_field_chars is not None and "field larger than field limit" in str(exc):
             cap = limits.max_field_chars
             raise DataError(
@@ -275,11 +459,13 @@ def _parse_csv(text: str, name: str, max_rows: int | None, limits: _Limits) -> l
         raise DataError(
             f"malformed CSV near line {reader.line_num}: {exc}", file=name, row=row + 1
         ) from None
+    problem = text.pending()
+    if problem is not None:
+        raise problem.error(name, None)
     if header is None:
         raise DataError("no rows: the file is empty", file=name)
-    if not records:
+    if row == 0:
         raise DataError("no rows: the file has a header but no data rows", file=name)
-    return records
 
 
 def _duplicates(names: Sequence[str]) -> list[str]:
@@ -323,13 +509,15 @@ def is_valid_unicode(text: str) -> bool:
     return True
 
 
-def _parse_jsonl(text: str, name: str, max_rows: int | None, limits: _Limits) -> list[Record]:
-    records: list[Record] = []
+def _parse_jsonl(text: _TextStream, name: str, limits: _Limits) -> Iterator[Record]:
     row = 0
-    for line_no, line in enumerate(text.split("\n"), 1):
+    for line_no, line in enumerate(_jsonl_lines(text.chunks()), 1):
         if not line.strip():
             continue
         row += 1
+        problem = text.due(line_no)
+        if problem is not None:
+            raise problem.error(name, row)
         try:
             obj = json.loads(line, object_pairs_hook=_unique_object)
         except json.JSONDecodeError as exc:
@@ -350,9 +538,9 @@ def _parse_jsonl(text: str, name: str, max_rows: int | None, limits: _Limits) ->
             )
         limits.check_object(obj, row=row)
         _check_unicode(obj, name, row)
-        records.append(obj)
-        if max_rows is not None and len(records) >= max_rows:
-            break
-    if not records:
+        yield obj
+    problem = text.pending()
+    if problem is not None:
+        raise problem.error(name, None)
+    if row == 0:
         raise DataError("no rows: the file is empty", file=name)
-    return records
