@@ -27,6 +27,7 @@ from rich.text import Text
 from mtl.cli import _fail, console
 from service.cli import DEFAULT_URL, KeyOption, UrlOption, _client, _service
 from service.client import JobClient, ServiceError, StudyStreamEvent
+from service.studies.records import STUDY_TERMINAL
 
 __all__ = ["study_app"]
 
@@ -36,15 +37,16 @@ study_app = typer.Typer(
     no_args_is_help=True,
 )
 
-STUDY_OVER = ("succeeded", "failed", "cancelled")
+STUDY_OVER = STUDY_TERMINAL
 
-#: the state of a trial after each `trial` event (`failed` also stands for a cancelled one)
+#: the state of a trial after each `trial` event
 _TRIAL_STATE = {
     "queued": "running",
     "reported": "running",
     "finished": "complete",
     "pruned": "pruned",
     "failed": "failed",
+    "cancelled": "cancelled",
 }
 
 

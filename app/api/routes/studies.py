@@ -87,7 +87,7 @@ StudyDep = Annotated[StudyRecord, Depends(get_study)]
 
 def _fixed_path(path: str) -> bool:
     if path.startswith("data."):
-        return path.split(".")[1] in ("kind", "train", "validation", "test", "format")
+        return path.split(".")[1] in ("kind", "train", "validation", "test", "format", "folds")
     if path.startswith("tasks."):
         return any(path.endswith(f) or f + "." in path for f in _FIXED_TASK_FIELDS)
     return path.startswith("encoder.random_init")
