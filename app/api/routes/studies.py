@@ -49,6 +49,7 @@ from service.studies.records import (
     STUDY_TERMINAL,
     StudyRecord,
     StudyState,
+    TrialKind,
     TrialRecord,
     TrialState,
 )
@@ -189,10 +190,14 @@ def study_out(record: StudyRecord) -> StudyOut:
 
 
 def leaderboard(trials: list[TrialRecord], maximize: bool) -> list[TrialRecord]:
-    """Completed trials best first, then the others by number."""
-    done = [t for t in trials if t.state is TrialState.COMPLETE and t.value is not None]
+    """Completed search trials best first, then the other search trials by number, then the
+    baselines (their scores are not the search's: a single-task one scores one task)."""
+    search = [t for t in trials if t.kind is TrialKind.SEARCH]
+    done = [t for t in search if t.state is TrialState.COMPLETE and t.value is not None]
     done.sort(key=lambda t: -(t.value or 0.0) if maximize else (t.value or 0.0))
-    return done + sorted((t for t in trials if t not in done), key=lambda t: t.number)
+    rest = sorted((t for t in search if t not in done), key=lambda t: t.number)
+    baselines = sorted((t for t in trials if t.kind is TrialKind.BASELINE), key=lambda t: t.number)
+    return done + rest + baselines
 
 
 async def _model_job(study: StudyRecord, jobs: JobStoreDep) -> JobRecord:
