@@ -449,9 +449,9 @@ class StudyDriver(threading.Thread):
 
     def _ensure_jobs(self, spec: StudyCreate, record: StudyRecord, trial: TrialRecord) -> None:
         """Create the trial's jobs that do not exist yet (idempotent: one key per run)."""
-        configs = self._configs(spec, trial)
-        if len(trial.jobs) == len(configs):
+        if len(trial.jobs) == len(spec.selection.variants()):  # the usual pass: nothing to do
             return
+        configs = self._configs(spec, trial)
         label = record.name or record.id
         jobs = []
         for k, config in enumerate(configs):
