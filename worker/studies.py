@@ -480,6 +480,19 @@ class StudyDriver(threading.Thread):
         self.studies.save_trial(record.id, trial)
 
     # ------------------------------------------------------------------------------ baselines
+    @staticmethod
+    def _same_as_best(spec: StudyCreate, best: TrialRecord, name: str) -> bool:
+        """The `sum` baseline is the best trial itself when that already used plain `sum` and
+        no gradient strategy: same config, same seeds, so its jobs stand for it."""
+        if name != "sum" or best.state is not TrialState.COMPLETE:
+            return False
+        probe = TrialRecord(number=-1, kind=TrialKind.BASELINE, baseline=name,
+                            params=best.params, started_at=0.0)  # fmt: skip
+        return all(
+            sampled_config(spec, best.params, v) == baseline_config(spec, probe, v)
+            for v in spec.selection.variants()
+        )
+
     def _baselines(
         self, spec: StudyCreate, record: StudyRecord, trials: dict[int, TrialRecord]
     ) -> None:
@@ -490,8 +503,23 @@ class StudyDriver(threading.Thread):
         if spec.baselines.sum:
             wanted.append("sum")
         existing = {t.baseline: t for t in trials.values() if t.kind is TrialKind.BASELINE}
+        best = trials.get(record.best_trial) if record.best_trial is not None else None
         for i, name in enumerate(wanted):
-            if name not in existing:
+            if name not in existing and best is not None and self._same_as_best(spec, best, name):
+                trial = TrialRecord(
+                    number=BASELINE_FIRST + i, kind=TrialKind.BASELINE, baseline=name,
+                    params=dict(best.params), state=best.state, jobs=list(best.jobs),
+                    value=best.value, values=list(best.values), spread=best.spread,
+                    started_at=time.time(), finished_at=time.time(), same_as=best.number,
+                )  # fmt: skip
+                self.studies.save_trial(record.id, trial)
+                self.studies.event(
+                    record.id, "trial", {"trial": trial.number, "event": "finished",
+                                         "baseline": name, "jobs": trial.jobs,
+                                         "same_as": best.number, "value": trial.value},
+                )  # fmt: skip
+                existing[name] = trial
+            elif name not in existing:
                 trial = TrialRecord(
                     number=BASELINE_FIRST + i,
                     kind=TrialKind.BASELINE,

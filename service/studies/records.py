@@ -72,6 +72,12 @@ class TrialRecord(BaseModel):
     started_at: float
     finished_at: float | None = None
     error: str | None = None
+    same_as: int | None = Field(
+        None,
+        description="a baseline whose config is the same as this search trial's (the best "
+        "one already used plain `sum` and no gradient strategy): its jobs are reused, not "
+        "trained again",
+    )
 
 
 class TaskVerdict(BaseModel):
