@@ -8,6 +8,8 @@ Layout of `<output_dir>/checkpoints/`::
         optimizer.pt          optimizer state_dict   } plain tensors and numbers,
         scheduler.pt          scheduler state_dict   } loaded with weights_only=True
         extra.pt              RNG states, running training statistics
+        <name>.safetensors    further tensors the run keeps (`average`: the weight average,
+                              `mlm_head`: the auxiliary MLM head), when it has them
         trainer_state.json    TrainState (step, epoch, sampler position, best metric, ...)
         config.json           the TrainConfig of the run
     last.json                 {"name": "step-00000120"}, replaced atomically after each save
@@ -97,6 +99,7 @@ class LoadedCheckpoint:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     extra: dict[str, Any]
+    tensors: dict[str, dict[str, torch.Tensor]]
 
 
 class Checkpointer:
@@ -139,12 +142,15 @@ class Checkpointer:
         extra: dict[str, Any],
         config_json: str,
         is_best: bool,
+        tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{state.step:08d}"
         tmp = self.dir / f".tmp-{name}-{os.getpid()}"
         try:
-            self._write(tmp, state, model, strategy, optimizer, scheduler, extra, config_json)
+            self._write(
+                tmp, state, model, strategy, optimizer, scheduler, extra, config_json, tensors or {}
+            )
             final = self.dir / name
             if final.exists():  # the same step saved twice (eval and periodic save coincide)
                 shutil.rmtree(final)
@@ -173,6 +179,7 @@ class Checkpointer:
         scheduler: Any,
         extra: dict[str, Any],
         config_json: str,
+        tensors: dict[str, dict[str, torch.Tensor]],
     ) -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -182,6 +189,8 @@ class Checkpointer:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(extra, tmp / "extra.pt")
+        for name, group in tensors.items():
+            save_file(_tensors(group), str(tmp / f"{name}.safetensors"))
         (tmp / "config.json").write_text(config_json, encoding="utf-8")
         # trainer_state.json is written last: its presence marks a complete checkpoint.
         (tmp / "trainer_state.json").write_text(json.dumps(state.to_dict(), indent=1))
@@ -218,7 +227,18 @@ class Checkpointer:
                 path / "scheduler.pt", map_location=map_location, weights_only=True
             ),
             extra=torch.load(path / "extra.pt", map_location="cpu", weights_only=True),
+            tensors=self.load_tensors(path, map_location),
         )
+
+    @staticmethod
+    def load_tensors(path: Path, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+        """The further tensors a checkpoint keeps, by name (see the module docs)."""
+        fixed = {"model", "strategy"}
+        return {
+            f.name.removesuffix(".safetensors"): load_file(str(f), device=str(device))
+            for f in sorted(path.glob("*.safetensors"))
+            if f.name.removesuffix(".safetensors") not in fixed
+        }
 
     @staticmethod
     def load_weights(path: Path, model: nn.Module, device: torch.device) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "BUNDLED_MINILM",
     "GRADIENT_NAMES",
     "WEIGHTING_NAMES",
+    "AveragingConfig",
     "ConfigError",
     "DWAWeighting",
     "DummyData",
@@ -46,7 +47,9 @@ __all__ = [
     "GradNormWeighting",
     "GradientConfig",
     "HeadConfig",
+    "MLMConfig",
     "OptimizerConfig",
+    "RDropConfig",
     "RLWWeighting",
     "RandomInit",
     "SchedulerConfig",
@@ -57,6 +60,8 @@ __all__ = [
     "TrainConfig",
     "UncertaintyWeighting",
     "ValidationError",
+    "dependency_order",
+    "find_cycle",
     "load_config",
 ]
 
@@ -281,6 +286,18 @@ class TaskConfig(_Strict):
         None, description="`balanced` (from training labels) or one positive weight per class"
     )
     data: TaskData | None = Field(None, description="this task's own dataset (file data only)")
+    depends_on: list[str] = Field(
+        default_factory=list,
+        max_length=15,
+        description="tasks whose predicted class distributions this task's head reads "
+        "together with the sentence embedding (Ludwig's output-feature dependencies); they "
+        "must not form a cycle",
+    )
+    depends_detach: bool = Field(
+        True,
+        description="stop this task's gradient at the distributions it reads (the parent "
+        "tasks learn only from their own losses)",
+    )
 
     _finite_lr = field_validator("lr", "grad_clip")(_finite)
 
@@ -429,8 +446,16 @@ class OptimizerConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0, le=1.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only")
+    layer_decay: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="layer-wise learning-rate decay: the top transformer layer trains at "
+        "encoder_lr, each layer below at the rate of the one above times this factor, the "
+        "embeddings one factor lower still (Clark et al. 2020; 1: off)",
+    )
 
-    _finite_lr = field_validator("lr", "encoder_lr", "weight_decay", "eps")(_finite)
+    _finite_lr = field_validator("lr", "encoder_lr", "weight_decay", "eps", "layer_decay")(_finite)
 
     @field_validator("betas")
     @classmethod
@@ -446,6 +471,59 @@ class SchedulerConfig(_Strict):
     )
     warmup_steps: int = Field(0, ge=0, le=10_000_000)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="used when warmup_steps is 0")
+
+
+class MLMConfig(_Strict):
+    """An auxiliary masked-language-model task on the training texts (and, with `data`, on
+    extra unlabeled texts): the encoder keeps learning the domain's language while the heads
+    train (domain-adaptive pretraining, Gururangan et al. 2020). Each step adds
+    `weight * MLM loss` to the combined task loss; the masking is transformers'
+    `DataCollatorForLanguageModeling` (BERT's 80/10/10 rule); the MLM head is the checkpoint's
+    own when it has one, else a new one tied to the input embeddings. Off while `weight` is 0."""
+
+    weight: float = Field(0.0, ge=0.0, le=100.0, description="0: off")
+    probability: float = Field(0.15, ge=0.01, le=0.5, description="share of tokens masked")
+    data: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="extra unlabeled texts (a file, or `dataset:<id>` on the service)",
+    )
+    text_column: str = Field("text", min_length=1, max_length=256, description="of `data`")
+    export: bool = Field(False, description="also export the MLM head with the model")
+
+    _finite_weight = field_validator("weight")(_finite)
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
+class AveragingConfig(_Strict):
+    """Weight averaging, evaluated and exported instead of the raw weights: an exponential
+    moving average after every step (`ema`), or stochastic weight averaging, an equal average
+    of the weights over the last part of training (`swa`, Izmailov et al. 2018); both with
+    `torch.optim.swa_utils.AveragedModel`. Checkpoints keep the average (exact resume)."""
+
+    kind: Literal["none", "ema", "swa"] = "none"
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="ema: weight of the average")
+    swa_start: float = Field(
+        0.75, ge=0.0, lt=1.0, description="swa: average from this share of the steps on"
+    )
+    swa_every: int = Field(1, ge=1, le=1_000_000, description="swa: steps between averages")
+
+    _finite_decay = field_validator("ema_decay", "swa_start")(_finite)
+
+
+class RDropConfig(_Strict):
+    """R-Drop on the heads (Liang et al. 2021): each head runs twice on the same sentence
+    embedding with independent dropout, and the task loss becomes the mean of the two
+    cross-entropies plus `alpha / 4 * (KL(p1||p2) + KL(p2||p1))` (the paper's loss, halved).
+    The encoder runs once: the cost is one more pass through the small heads. Off at 0."""
+
+    alpha: float = Field(0.0, ge=0.0, le=100.0, description="0: off")
+
+    _finite_alpha = field_validator("alpha")(_finite)
 
 
 class EarlyStoppingConfig(_Strict):
@@ -466,6 +544,9 @@ class TrainConfig(_Strict):
     gradient: GradientConfig = Field(default_factory=GradientConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    mlm: MLMConfig = Field(default_factory=MLMConfig)
+    averaging: AveragingConfig = Field(default_factory=AveragingConfig)
+    rdrop: RDropConfig = Field(default_factory=RDropConfig)
 
     epochs: int = Field(3, ge=1, le=1000)
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="overrides epochs")
@@ -541,6 +622,15 @@ class TrainConfig(_Strict):
                         f"static weights must name every task once: missing {missing}, "
                         f"unknown {unknown}"
                     )
+        self._check_dependencies(names)
+        if self.mlm.enabled:
+            if isinstance(self.data, DummyData):
+                raise ValueError(
+                    "mlm needs text: random token ids have no vocabulary to mask "
+                    "(data.kind must be 'files')"
+                )
+            if self.encoder.freeze:
+                raise ValueError("mlm trains the encoder: it cannot be frozen (encoder.freeze)")
         metric_names = {"loss", "accuracy", "macro_f1", "weighted_f1"}
         scope, _, metric = self.monitor.partition("/")
         if metric not in metric_names or (scope != "mean" and scope not in names):
@@ -550,9 +640,31 @@ class TrainConfig(_Strict):
             )
         return self
 
+    def _check_dependencies(self, names: list[str]) -> None:
+        for t in self.tasks:
+            unknown = [d for d in t.depends_on if d not in names]
+            if unknown:
+                raise ValueError(
+                    f"tasks.{t.name}.depends_on: unknown tasks {unknown}; the tasks are {names}"
+                )
+            if t.name in t.depends_on:
+                raise ValueError(f"tasks.{t.name}.depends_on: a task cannot depend on itself")
+            if len(set(t.depends_on)) != len(t.depends_on):
+                raise ValueError(f"tasks.{t.name}.depends_on names a task twice")
+        cycle = find_cycle({t.name: list(t.depends_on) for t in self.tasks})
+        if cycle:
+            raise ValueError(
+                f"tasks.*.depends_on: the task dependencies form a cycle: {' -> '.join(cycle)}"
+            )
+
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    @property
+    def task_order(self) -> list[str]:
+        """The tasks in dependency order (each after the tasks it reads), else config order."""
+        return dependency_order({t.name: list(t.depends_on) for t in self.tasks})
 
     def sources(self) -> list[str]:
         """Every data source the config names (file paths or `dataset:<id>` references)."""
@@ -562,7 +674,51 @@ class TrainConfig(_Strict):
             for t in self.tasks:
                 if t.data is not None:
                     found += [s for s in (t.data.train, t.data.validation, t.data.test) if s]
+        if self.mlm.enabled and self.mlm.data:
+            found.append(self.mlm.data)
         return found
+
+
+def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    """A cycle in `task -> the tasks it depends on`, as a closed path (`a, b, a`), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in graph.get(node, []):
+            if state.get(dep) == 1:
+                return [*path[path.index(dep) :], dep]
+            if dep in graph and state.get(dep) is None and (found := visit(dep)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if state.get(node) is None and (found := visit(node)):
+            return found
+    return None
+
+
+def dependency_order(graph: dict[str, list[str]]) -> list[str]:
+    """Tasks ordered so that each comes after its dependencies (stable: config order among
+    independent tasks). The graph must be acyclic (`find_cycle`)."""
+    done: list[str] = []
+    seen: set[str] = set()
+
+    def visit(node: str) -> None:
+        if node in seen:
+            return
+        seen.add(node)
+        for dep in graph.get(node, []):
+            visit(dep)
+        done.append(node)
+
+    for node in graph:
+        visit(node)
+    return done
 
 
 def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:

@@ -4,7 +4,12 @@ model/
     config.json, model.safetensors    the encoder: `transformers.AutoModel.from_pretrained`
     tokenizer files                   `AutoTokenizer.from_pretrained` (when there is one)
     heads.safetensors                 the task heads, keys `<task>.<param>`
-    mtl.json                          tasks, label names, pooling, head configs, metrics
+    mlm_head.safetensors              the auxiliary MLM head, only with `mlm.export` (a BERT
+                                      `cls` head without its output matrix: that is tied to
+                                      the encoder's input embeddings)
+    mtl.json                          tasks (label names, head configs, dependencies, in
+                                      config order; `task_order`: the order heads run in),
+                                      pooling, metrics
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def export_model(
     config: TrainConfig,
     label_names: dict[str, list[str]],
     extra: dict[str, Any] | None = None,
+    mlm_head: Any | None = None,
 ) -> Path:
     """Write the model atomically (temp dir, then rename) and return its directory."""
     directory = Path(directory)
@@ -65,17 +71,27 @@ def export_model(
         for k, v in head.state_dict().items()
     }
     save_file(heads, str(tmp / "heads.safetensors"))
+    if mlm_head is not None:  # `mlm.export`: its output matrix is the encoder's embeddings
+        from mtl.mlm import head_state
+
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in head_state(mlm_head).items()},
+            str(tmp / "mlm_head.safetensors"),
+        )
     meta = {
         "format_version": FORMAT_VERSION,
         "pooling": config.encoder.pooling,
         "normalize": config.encoder.normalize,
         "max_length": config.encoder.max_length,
         "has_tokenizer": tokenizer is not None,
+        "task_order": config.task_order,
         "tasks": [
             {
                 "name": t.name,
                 "labels": label_names[t.name],
                 "head": t.head.model_dump(),
+                "depends_on": list(t.depends_on),
+                "depends_detach": t.depends_detach,
             }
             for t in config.tasks
         ],

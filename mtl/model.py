@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtl.config import BUNDLED_MINILM, EncoderConfig, HeadConfig, RandomInit, TaskConfig
+from mtl.config import (
+    BUNDLED_MINILM,
+    EncoderConfig,
+    HeadConfig,
+    RandomInit,
+    TaskConfig,
+    dependency_order,
+)
 from mtl.errors import ModelError
 
 __all__ = ["MultiTaskModel", "SentenceEncoder", "build_model", "resolve_model_path"]
@@ -87,6 +94,24 @@ class SentenceEncoder(nn.Module):
             pooled = nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled
 
+    def layer_depths(self) -> dict[int, int]:
+        """`id(parameter) -> depth below the top` for layer-wise learning-rate decay: the top
+        transformer layer (and anything above it, e.g. a pooler) 0, each layer below one more,
+        the embeddings last. Needs a BERT-like encoder (embeddings + encoder.layer)."""
+        embeddings = getattr(self.transformer, "embeddings", None)
+        layers = getattr(getattr(self.transformer, "encoder", None), "layer", None)
+        if embeddings is None or layers is None:
+            raise ModelError(
+                "optimizer.layer_decay needs a BERT-like encoder (embeddings + encoder.layer)"
+            )
+        depths = {id(p): 0 for p in self.transformer.parameters()}
+        for i, layer in enumerate(layers):
+            for p in layer.parameters():
+                depths[id(p)] = len(layers) - 1 - i
+        for p in embeddings.parameters():
+            depths[id(p)] = len(layers)
+        return depths
+
     def freeze(self, whole: bool, lower_layers: int) -> None:
         if whole:
             for p in self.transformer.parameters():
@@ -120,20 +145,45 @@ def _head(hidden: int, num_classes: int, cfg: HeadConfig) -> nn.Module:
 
 
 class MultiTaskModel(nn.Module):
-    """One shared encoder and a head per task, keyed by task name."""
+    """One shared encoder and a head per task, keyed by task name.
+
+    A task with `depends_on` reads, besides the sentence embedding, the predicted class
+    distributions (softmax) of the tasks it names, concatenated in `depends_on` order; heads
+    run in dependency order (`order`), and the logits come back in config order.
+    """
 
     def __init__(self, encoder: SentenceEncoder, tasks: list[TaskConfig]):
         super().__init__()
         self.encoder = encoder
+        sizes = {t.name: t.n_classes for t in tasks}
+        self.depends = {t.name: list(t.depends_on) for t in tasks}
+        self.detach = {t.name: t.depends_detach for t in tasks}
+        self.order = dependency_order(self.depends)
+        self.names = [t.name for t in tasks]
         self.heads = nn.ModuleDict(
-            {t.name: _head(encoder.hidden_size, t.n_classes, t.head) for t in tasks}
+            {
+                t.name: _head(
+                    encoder.hidden_size + sum(sizes[d] for d in t.depends_on), t.n_classes, t.head
+                )
+                for t in tasks
+            }
         )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         return self.forward_heads(self.encoder(input_ids, attention_mask))
 
     def forward_heads(self, pooled: Tensor) -> dict[str, Tensor]:
-        return {name: head(pooled) for name, head in self.heads.items()}
+        logits: dict[str, Tensor] = {}
+        for name in self.order:
+            deps = self.depends[name]
+            if deps:
+                probs = [torch.softmax(logits[d].float(), dim=-1).to(pooled.dtype) for d in deps]
+                if self.detach[name]:
+                    probs = [p.detach() for p in probs]
+                logits[name] = self.heads[name](torch.cat([pooled, *probs], dim=-1))
+            else:
+                logits[name] = self.heads[name](pooled)
+        return {name: logits[name] for name in self.names}
 
 
 def load_tokenizer(name: str) -> Any:

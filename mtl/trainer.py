@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mtl.callbacks import Callback, CallbackList, Outcome, TrainControl, TrainState
 from mtl.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -40,7 +41,8 @@ from mtl.config import TrainConfig
 from mtl.errors import TrainingError
 from mtl.export import export_model
 from mtl.metrics import RunningStats, classification_report, mean_over_tasks
-from mtl.model import MultiTaskModel, build_model, default_device
+from mtl.mlm import MLMBatches, build_mlm_head, head_state, load_head_state, mlm_loss
+from mtl.model import MultiTaskModel, build_model, default_device, resolve_model_path
 from mtl.pipeline import Batch, TrainData, build_train_data
 from mtl.strategies import GradientStrategy, WeightingStrategy, build_gradient, build_weighting
 from mtl.summary import summarise
@@ -127,6 +129,12 @@ class Trainer:
         self.weighting.to(self.device)
         self.gradient: GradientStrategy = build_gradient(config.gradient, self.task_names)
         self.loss_fns = self._loss_functions()
+        self.mlm_head: nn.Module | None = None
+        self.mlm_batches: MLMBatches | None = None
+        self._mlm_sums = [0.0, 0, 0, 0]  # loss sum, batches, correct tokens, masked tokens
+        self._mlm_index = 0
+        if config.mlm.enabled:
+            self._setup_mlm(resolve)
         self.optimizer = self._optimizer()
         self.steps_per_epoch = self.data.steps_per_epoch(config.grad_accum_steps)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
@@ -141,8 +149,39 @@ class Trainer:
             if t.grad_clip is not None
         ]
         self._pending_cosine: dict[str, float] | None = None
+        self.average: AveragedModel | None = None
+        averaging = config.averaging
+        if averaging.kind == "ema":
+            self.average = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(averaging.ema_decay), use_buffers=True
+            )
+        elif averaging.kind == "swa":
+            self.average = AveragedModel(self.model, use_buffers=True)
+        self.swa_first_step = math.ceil(averaging.swa_start * self.total_steps)
 
     # ------------------------------------------------------------------------------ set-up
+
+    def _setup_mlm(self, resolve: Callable[[str], Path] | None) -> None:
+        """The MLM head and its pool of texts: the training texts, plus `mlm.data`."""
+        from mtl.data import encode_texts
+        from mtl.datafiles import read_records
+
+        mlm = self.config.mlm
+        enc = self.config.encoder
+        pool: list[list[int]] = [
+            ids for source in self.data.train for ids in getattr(source, "input_ids", [])
+        ]
+        if mlm.data is not None:
+            path = (resolve or Path)(mlm.data)
+            records = read_records(path, text_column=mlm.text_column, name=mlm.data)
+            texts = [str(r[mlm.text_column]) for r in records]
+            pool += encode_texts(self.tokenizer, texts, enc.max_length)
+        self.mlm_batches = MLMBatches(
+            pool, self.tokenizer, batch_size=self.config.batch_size,
+            probability=mlm.probability, seed=self.config.seed,
+        )  # fmt: skip
+        source = None if enc.random_init is not None else resolve_model_path(enc.model)
+        self.mlm_head = build_mlm_head(self.model.encoder.transformer, source).to(self.device)
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
@@ -191,7 +230,20 @@ class Trainer:
             if vectors:
                 groups.append({"params": vectors, "lr": lr, "weight_decay": 0.0, "name": name})
 
-        add(list(self.model.encoder.parameters()), encoder_lr, "encoder")
+        encoder_params = list(self.model.encoder.parameters())
+        if opt.layer_decay < 1.0:
+            depths = self.model.encoder.layer_depths()
+            for depth in sorted({depths.get(id(p), 0) for p in encoder_params}):
+                add(
+                    [p for p in encoder_params if depths.get(id(p), 0) == depth],
+                    encoder_lr * opt.layer_decay**depth,
+                    "encoder" if depth == 0 else f"encoder-{depth}",
+                )
+        else:
+            add(encoder_params, encoder_lr, "encoder")
+        if self.mlm_head is not None:
+            shared = {id(p) for p in encoder_params}  # the tied output matrix is the encoder's
+            add([p for p in self.mlm_head.parameters() if id(p) not in shared], encoder_lr, "mlm")
         for task in self.config.tasks:
             add(list(self.model.heads[task.name].parameters()), task.lr or opt.lr, task.name)
         extra = self.weighting.extra_parameters()
@@ -311,6 +363,8 @@ class Trainer:
             cfg.grad_conflict_every > 0 and (state.step + 1) % cfg.grad_conflict_every == 0
         )
         all_finite = True
+        # MLM batch i is the same on every run: its index follows the optimizer step
+        self._mlm_index = state.step * cfg.grad_accum_steps
         for batch in group:
             finite = self._backward(batch, len(group), sample_cosine)
             all_finite = all_finite and finite
@@ -336,6 +390,26 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._update_average(state.step + 1)
+
+    def _update_average(self, step: int) -> None:
+        """EMA after every step; SWA every `swa_every` steps from `swa_start` on."""
+        if self.average is None:
+            return
+        averaging = self.config.averaging
+        if averaging.kind == "swa" and (
+            step < self.swa_first_step or (step - self.swa_first_step) % averaging.swa_every
+        ):
+            return
+        self.average.update_parameters(self.model)
+
+    def scored_model(self) -> MultiTaskModel:
+        """The model evaluated and exported: the weight average once it holds one."""
+        if self.average is not None and int(self.average.n_averaged) > 0:
+            module = self.average.module
+            assert isinstance(module, MultiTaskModel)
+            return module
+        return self.model
 
     def _backward(self, batch: Batch, accum: int, sample_cosine: bool) -> bool:
         """Forward and backward one micro-batch; False when its loss is not finite."""
@@ -348,17 +422,29 @@ class Trainer:
         want_task_grads = surgery or self.weighting.needs_task_grads or sample_cosine
         param_level = surgery and level == "parameters" and bool(self.shared_params)
 
+        rdrop = self.config.rdrop.alpha
         with self.autocast:
             pooled = self.model.encoder(ids, mask)
             detached = None
             if want_task_grads and not param_level:
                 detached = pooled.detach().requires_grad_(True)
-                logits = self.model.forward_heads(detached)
+                head_input = detached
             else:
-                logits = self.model.forward_heads(pooled)
-        losses = {t: self.loss_fns[t](logits[t], labels[t]) for t in present}
+                head_input = pooled
+            logits = self.model.forward_heads(head_input)
+            second = self.model.forward_heads(head_input) if rdrop > 0 else None
+        if second is None:
+            losses = {t: self.loss_fns[t](logits[t], labels[t]) for t in present}
+        else:
+            losses = {}
+            for t in present:
+                fn = self.loss_fns[t]
+                ce = 0.5 * (fn(logits[t], labels[t]) + fn(second[t], labels[t]))
+                losses[t] = ce + rdrop / 4 * _symmetric_kl(logits[t], second[t])
         total, weights = self.weighting.combine(losses)
         if not bool(torch.isfinite(total)):
+            return False
+        if self.mlm_batches is not None and not self._mlm_backward(accum):
             return False
 
         for i, name in enumerate(self.task_names):
@@ -392,6 +478,28 @@ class Trainer:
             rep_grad = detached.grad
         if pooled.requires_grad:
             pooled.backward(rep_grad / accum)
+        return True
+
+    def _mlm_backward(self, accum: int) -> bool:
+        """One masked batch through the encoder and the MLM head, `weight * loss` backward
+        (its own graph: the encoder's gradients add up). False when the loss is not finite."""
+        assert self.mlm_batches is not None and self.mlm_head is not None
+        index = self._mlm_index
+        self._mlm_index += 1
+        ids, mask, labels = (t.to(self.device) for t in self.mlm_batches.batch(index))
+        with self.autocast:
+            out = mlm_loss(self.model.encoder.transformer, self.mlm_head, ids, mask, labels)
+        if out is None:
+            return True
+        loss, correct, count = out
+        if not bool(torch.isfinite(loss)):
+            return False
+        (self.config.mlm.weight * loss / accum).backward()
+        sums = self._mlm_sums
+        sums[0] += float(loss.detach())
+        sums[1] += 1
+        sums[2] += correct
+        sums[3] += count
         return True
 
     def _backward_parameters(
@@ -436,6 +544,10 @@ class Trainer:
         metrics["weights"] = self.weighting.current_weights()
         metrics["lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["skipped_steps"] = state.skipped_total
+        loss_sum, batches, correct, count = self._mlm_sums
+        if batches:
+            metrics["mlm"] = {"loss": loss_sum / batches, "accuracy": correct / max(count, 1)}
+            self._mlm_sums = [0.0, 0, 0, 0]
         if self._pending_cosine is not None:
             metrics["grad_cosine"] = self._pending_cosine
             self._pending_cosine = None
@@ -446,8 +558,9 @@ class Trainer:
         plan = self.data.eval_plan(split)
         if plan is None:
             return None
-        was_training = self.model.training
-        self.model.eval()
+        model = self.scored_model()
+        was_training = model.training
+        model.eval()
         preds: dict[str, list[Tensor]] = {t: [] for t in self.task_names}
         targets: dict[str, list[Tensor]] = {t: [] for t in self.task_names}
         loss_sums = dict.fromkeys(self.task_names, 0.0)
@@ -455,7 +568,7 @@ class Trainer:
             ids = batch.input_ids.to(self.device)
             mask = batch.attention_mask.to(self.device)
             with self.autocast:
-                logits = self.model(ids, mask)
+                logits = model(ids, mask)
             for t in batch.present:
                 y = batch.labels[t].to(self.device)
                 valid = y != -100
@@ -465,7 +578,7 @@ class Trainer:
                 preds[t].append(lg.argmax(-1).cpu())
                 targets[t].append(yv.cpu())
         if was_training:
-            self.model.train()
+            model.train()
         reports = {}
         for t in self.task_names:
             p = torch.cat(preds[t]) if preds[t] else torch.zeros(0, dtype=torch.long)
@@ -533,13 +646,34 @@ class Trainer:
             },
             config_json=self.config.model_dump_json(indent=1),
             is_best=is_best,
+            tensors=self._extra_tensors(),
         )
         self.callbacks.on_checkpoint(state, path, control)
+
+    def _extra_tensors(self) -> dict[str, dict[str, Tensor]]:
+        """What a checkpoint keeps besides the model: the weight average, the MLM head."""
+        out: dict[str, dict[str, Tensor]] = {}
+        if self.average is not None:
+            out["average"] = self.average.state_dict()
+        if self.mlm_head is not None:
+            out["mlm_head"] = head_state(self.mlm_head)
+        return out
+
+    def _load_extra_tensors(self, tensors: dict[str, dict[str, Tensor]]) -> None:
+        if self.average is not None:
+            if "average" not in tensors:
+                raise TrainingError("the checkpoint has no weight average (averaging changed?)")
+            self.average.load_state_dict(tensors["average"])
+        if self.mlm_head is not None:
+            if "mlm_head" not in tensors:
+                raise TrainingError("the checkpoint has no MLM head (mlm changed?)")
+            load_head_state(self.mlm_head, tensors["mlm_head"])
 
     def _restore(self, path: Path) -> TrainState:
         loaded = self.checkpointer.load(
             path, model=self.model, strategy=self.weighting, map_location=self.device
         )
+        self._load_extra_tensors(loaded.tensors)
         self.optimizer.load_state_dict(loaded.optimizer)
         self.scheduler.load_state_dict(loaded.scheduler)
         set_rng_state(loaded.extra["rng"])
@@ -552,6 +686,7 @@ class Trainer:
         best = self.checkpointer.best()
         if best is not None and state.best_step != state.step:
             Checkpointer.load_weights(best, self.model, self.device)
+            self._load_extra_tensors(Checkpointer.load_tensors(best, self.device))
         metrics: dict[str, Any] = {"validation": None, "test": None}
         if best is not None:
             metrics["validation"] = self.evaluate("validation")
@@ -559,13 +694,22 @@ class Trainer:
         if test is not None:
             metrics["test"] = test
             self.callbacks.on_evaluate(state, test, control)
+        extra: dict[str, Any] = {
+            "metrics": {k: _scores(v) for k, v in metrics.items() if v is not None}
+        }
+        if self.average is not None:
+            extra["averaging"] = {
+                "kind": self.config.averaging.kind,
+                "n_averaged": int(self.average.n_averaged),
+            }
         model_dir = export_model(
             self.output_dir / "model",
-            self.model,
+            self.scored_model(),
             self.tokenizer,
             self.config,
             self.label_names,
-            extra={"metrics": {k: _scores(v) for k, v in metrics.items() if v is not None}},
+            extra=extra,
+            mlm_head=self.mlm_head if self.config.mlm.export else None,
         )
         (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         return metrics, model_dir
@@ -574,6 +718,14 @@ class Trainer:
 def _scores(report: dict[str, Any]) -> dict[str, Any]:
     """The summary `mtl.json` keeps of a report: task -> its numbers."""
     return {task: scores.scores() for task, scores in summarise(report).tasks.items()}
+
+
+def _symmetric_kl(a: Tensor, b: Tensor) -> Tensor:
+    """KL(p_a || p_b) + KL(p_b || p_a), averaged over the rows (R-Drop's consistency term)."""
+    la, lb = F.log_softmax(a.float(), dim=-1), F.log_softmax(b.float(), dim=-1)
+    return F.kl_div(lb, la, log_target=True, reduction="batchmean") + F.kl_div(
+        la, lb, log_target=True, reduction="batchmean"
+    )
 
 
 def _cosines(grads: dict[str, Tensor]) -> dict[str, float]:

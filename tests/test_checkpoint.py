@@ -154,9 +154,34 @@ RESUME_CASES: dict[str, tuple[dict[str, Any], int, str]] = {
         10,
         "log",
     ),
+    # issue 12's options: the weight average is checkpointed (evaluations score it), R-Drop's
+    # second head pass draws dropout from the restored RNG, the layer rates are in the
+    # optimizer's state; the dependent head reads the parent's distribution (not detached)
+    "ema_rdrop_layer_decay_depends": (
+        {
+            "averaging": {"kind": "ema", "ema_decay": 0.9},
+            "rdrop": {"alpha": 1.0},
+            "optimizer": {"name": "adam", "lr": 3e-3, "layer_decay": 0.7},
+            "tasks": [
+                {"name": "task_a", "num_classes": 5},
+                {
+                    "name": "task_b",
+                    "num_classes": 3,
+                    "depends_on": ["task_a"],
+                    "depends_detach": False,
+                },
+            ],
+        },
+        5,
+        "log",
+    ),
+    # SWA from step 4 of 16 every 3rd step: the stop (step 10) falls between two averages
+    "swa": ({"averaging": {"kind": "swa", "swa_start": 0.25, "swa_every": 3}}, 10, "log"),
+    # the MLM batches follow the step; the MLM head (tied to the embeddings) is checkpointed
+    "mlm_per_task_files": ({"data": {}, "mlm": {"weight": 0.5}, "epochs": 2}, 9, "log"),
 }
 #: Cases whose tasks read their own files: `per_task_files` supplies the tasks and data.
-FILE_CASES = {"per_task_files_temperature"}
+FILE_CASES = {"per_task_files_temperature", "mlm_per_task_files"}
 
 
 def per_task_files(folder: Path, write_rows: Any, labelled_rows: Any) -> dict[str, Any]:

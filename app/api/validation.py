@@ -160,6 +160,8 @@ def _source_fields(config: TrainConfig) -> list[tuple[list[str | int], str]]:
                 value = getattr(task.data, split)
                 if value:
                     found.append((["body", "tasks", i, "data", split], value))
+    if config.mlm.enabled and config.mlm.data:
+        found.append((["body", "mlm", "data"], config.mlm.data))
     return found
 
 
@@ -252,10 +254,18 @@ async def check_sources(
             )
         if await datasets.get(dataset_id, owner) is None:
             raise Invalid(f"dataset {dataset_id} not found", loc)
-    from mtl.datafiles import check_data
+    from mtl.datafiles import check_data, read_records
 
+    resolve = resolver(settings.data_dir)
     try:
-        await anyio.to_thread.run_sync(check_data, config, resolver(settings.data_dir))
+        await anyio.to_thread.run_sync(check_data, config, resolve)
+        if config.mlm.enabled and config.mlm.data:  # unlabeled texts: the column, every row
+            source = config.mlm.data
+            await anyio.to_thread.run_sync(
+                lambda: read_records(
+                    resolve(source), text_column=config.mlm.text_column, name=source
+                )
+            )
     except DataError as exc:
         loc = next((loc for loc, s in fields if s == exc.file), ["body", "data"])
         raise Invalid(str(exc), loc, "data_error") from None

@@ -233,6 +233,34 @@ def test_invalid_config_is_422_naming_the_field(
     assert loc in locs, locs
 
 
+@pytest.mark.parametrize(
+    ("change", "loc", "says"),
+    [
+        (lambda c: c.update(optimizer={"layer_decay": -0.5}), ["body", "optimizer", "layer_decay"],
+         "greater than 0"),
+        (lambda c: c["tasks"][1].update(depends_on=["nope"]), None,
+         "tasks.task_b.depends_on: unknown tasks ['nope']"),
+        (lambda c: (c["tasks"][0].update(depends_on=["task_b"]),
+                    c["tasks"][1].update(depends_on=["task_a"])), None,
+         "cycle: task_a -> task_b -> task_a"),
+        (lambda c: c.update(mlm={"weight": 1.0}), None, "mlm needs text"),
+        (lambda c: c.update(averaging={"kind": "polyak"}), ["body", "averaging", "kind"], "'ema'"),
+        (lambda c: c.update(rdrop={"alpha": -1}), ["body", "rdrop", "alpha"], "greater than"),
+    ],
+)  # fmt: skip
+def test_bad_modeling_options_are_422_naming_the_field(
+    client: httpx.Client, change: object, loc: list[object] | None, says: str
+) -> None:
+    cfg = copy.deepcopy(DUMMY)
+    change(cfg)  # type: ignore[operator]
+    r = client.post("/v1/jobs", json=cfg)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    if loc is not None:
+        assert loc in [e["loc"] for e in detail], detail
+    assert any(says in e["msg"] for e in detail), detail
+
+
 def test_list_filter_and_pagination(client: httpx.Client, bob: httpx.Client) -> None:
     # bob's own namespace keeps the numbers exact
     blocker = submit(bob, long_config(steps=5000))
