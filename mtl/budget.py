@@ -126,13 +126,17 @@ class Estimate:
 def estimate(config: TrainConfig, shape: EncoderShape) -> Estimate:
     h = shape.hidden
     head_params = 0
+    classes = {t.name: t.n_classes for t in config.tasks}
     for task in config.tasks:
         c = task.n_classes
+        inputs = h + sum(classes[d] for d in task.depends_on)  # the parents' distributions
         if task.head.type == "mlp":
             hidden = task.head.hidden_size
-            head_params += h * hidden + hidden + hidden * c + c
+            head_params += inputs * hidden + hidden + hidden * c + c
         else:
-            head_params += h * c + c
+            head_params += inputs * c + c
+    if config.mlm.enabled:  # BERT's MLM head: transform + LayerNorm + an output bias (tied)
+        head_params += h * h + 3 * h + shape.vocab
     encoder = shape.encoder_params()
     enc = config.encoder
     if enc.freeze:
@@ -153,10 +157,11 @@ def estimate(config: TrainConfig, shape: EncoderShape) -> Estimate:
     layers = shape.layers if not enc.freeze else 0
     activations = int(layers * per_layer + 4 * seq * b * h)  # + the pooled/embedding output
     tokens = (data.num_samples + data.eval_samples) * data.seq_len if data.kind == "dummy" else 0
+    averaged = params if config.averaging.kind != "none" else 0  # AveragedModel's copy
     return Estimate(
         params=params,
         trainable=trainable,
-        weights=4 * params,
+        weights=4 * (params + averaged),
         gradients=4 * trainable,
         optimizer=per_param * trainable,
         activations=activations,

@@ -33,8 +33,15 @@ RANDOM = {
         {"encoder": RANDOM},
         {"encoder": RANDOM, "tasks": [{"name": "a", "num_classes": 7, "head": {"type": "mlp"}}]},
         {},  # the bundled MiniLM, from its config.json
+        {
+            "encoder": RANDOM,
+            "tasks": [
+                {"name": "a", "num_classes": 5},
+                {"name": "b", "num_classes": 3, "depends_on": ["a"]},
+            ],
+        },
     ],
-    ids=["random", "mlp head", "minilm"],
+    ids=["random", "mlp head", "minilm", "dependent head"],
 )
 def test_the_parameter_count_is_the_built_models(over: dict[str, Any]) -> None:
     from mtl.model import build_model
@@ -86,3 +93,12 @@ def test_the_hardening_rounds_huge_config_is_tens_of_thousands_of_gib() -> None:
     assert 10.6e9 < need.params < 10.8e9
     assert need.weights / GIB == pytest.approx(39.95, abs=0.01)
     assert need.total > 1000 * GIB
+
+
+def test_averaging_keeps_a_second_copy_of_the_weights() -> None:
+    plain = config(encoder=RANDOM)
+    averaged = config(encoder=RANDOM, averaging={"kind": "ema"})
+    shape = encoder_shape(plain)
+    assert shape is not None
+    a, b = estimate(plain, shape), estimate(averaged, shape)
+    assert b.params == a.params and b.weights == 2 * a.weights
