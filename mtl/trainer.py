@@ -151,12 +151,14 @@ class Trainer:
         self._pending_cosine: dict[str, float] | None = None
         self.average: AveragedModel | None = None
         averaging = config.averaging
+        # Parameters only (`use_buffers=False`): the encoder's buffers are integer position and
+        # token-type ids, which an EMA step would round (p * d + p * (1 - d) -> p - 1).
         if averaging.kind == "ema":
             self.average = AveragedModel(
-                self.model, multi_avg_fn=get_ema_multi_avg_fn(averaging.ema_decay), use_buffers=True
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(averaging.ema_decay)
             )
         elif averaging.kind == "swa":
-            self.average = AveragedModel(self.model, use_buffers=True)
+            self.average = AveragedModel(self.model)
         self.swa_first_step = math.ceil(averaging.swa_start * self.total_steps)
 
     # ------------------------------------------------------------------------------ set-up

@@ -297,6 +297,9 @@ def test_the_average_matches_a_hand_computation_and_is_what_is_exported(
         counted = len(used)
     assert trainer.average is not None and int(trainer.average.n_averaged) == counted
     averaged = trainer.average.module.state_dict()
+    # buffers (BERT's integer position ids) are the model's, not averaged (an EMA would round)
+    for name, buffer in trainer.model.named_buffers():
+        assert torch.equal(dict(trainer.average.module.named_buffers())[name], buffer), name
     floats = [k for k, v in expected.items() if v.is_floating_point()]
     assert_close({k: averaged[k] for k in floats}, {k: expected[k] for k in floats},
                  atol=1e-6, rtol=1e-5)  # fmt: skip
