@@ -43,6 +43,8 @@ class TensorBoardCallback(Callback):
             w.add_scalar(f"grad_cosine/{pair}", value, step)
         if "lr" in metrics:
             w.add_scalar("lr", metrics["lr"], step)
+        for name, value in metrics.get("mlm", {}).items():  # the auxiliary MLM task
+            w.add_scalar(f"train/mlm/{name}", value, step)
 
     def on_evaluate(
         self, state: TrainState, metrics: dict[str, Any], control: TrainControl
