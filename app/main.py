@@ -18,7 +18,7 @@ import mtl
 from app.api.deps import KeyGate
 from app.api.errors import install_error_handlers
 from app.api.openapi import install_openapi
-from app.api.routes import configs, dashboard, datasets, docs, health, jobs, studies
+from app.api.routes import configs, dashboard, datasets, docs, ensembles, health, jobs, studies
 from app.core.events import HubRegistry
 from app.core.headers import SecurityHeaders
 from app.core.logs import install_access_log_redaction
@@ -26,6 +26,7 @@ from app.core.metrics import ServiceMetrics
 from app.core.predictors import PredictorCache
 from service.async_store import AsyncJobStore
 from service.datasets import AsyncDatasetStore
+from service.ensembles import AsyncEnsembleStore
 from service.keys import Keys
 from service.queue import make_celery
 from service.settings import Settings, get_settings
@@ -43,6 +44,7 @@ Train multi-task sentence encoders as jobs.
 * `POST /v1/jobs` with a training config (try the example: two tasks on dummy data, it runs
   on CPU in seconds), then follow `GET /v1/jobs/{id}/events` (server-sent events).
 * Upload CSV/JSONL data with `POST /v1/datasets` and name it in a config as `dataset:<id>`.
+* Average several succeeded jobs' models (or a study's best trials') with `POST /v1/ensembles`.
 * Authorize with `Bearer <API key>` when the service has keys configured.
 """
 
@@ -92,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.hubs = HubRegistry(app.state.jobs, block_ms=block_ms)
         app.state.studies = AsyncStudyStore(client, keys)
         app.state.study_hubs = HubRegistry(app.state.studies, block_ms=block_ms)
+        app.state.ensembles = AsyncEnsembleStore(client, keys)
         app.state.celery = make_celery(settings)
         app.state.publisher = ThreadPoolExecutor(1, thread_name_prefix="publish")
         app.state.predictors = PredictorCache(settings.predictor_cache_size)
@@ -148,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(configs.router)
     app.include_router(studies.router)
+    app.include_router(ensembles.router)
     app.include_router(datasets.router, max_body_size=settings.max_upload_bytes + 64 * 1024)
     app.include_router(dashboard.router)
     app.include_router(docs.router)

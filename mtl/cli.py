@@ -3,6 +3,7 @@
 mtl train CONFIG [--output DIR] [--dry-run] [--no-resume]
 mtl validate CONFIG
 mtl predict MODEL_DIR TEXT...
+mtl ensemble OUT_DIR MODEL_DIR MODEL_DIR... [--weight W ...]
 
 Plugins add commands through the entry-point group `mtl.cli` (each entry is a function that
 registers commands on the Typer app): with the `service` extra installed, the job service's
@@ -237,6 +238,27 @@ def predict(
         raise _fail("give MODEL_DIR and at least one TEXT")
     texts = list(args[1:])
     print_predictions(texts, predict_local(Path(args[0]), texts), as_json)
+
+
+@app.command()
+def ensemble(
+    args: Annotated[list[Path], typer.Argument(help="OUT_DIR MODEL_DIR MODEL_DIR...")],
+    weight: Annotated[
+        list[float] | None,
+        typer.Option("--weight", "-w", help="one per MODEL_DIR, in order (default: equal)"),
+    ] = None,
+) -> None:
+    """Export models of the same tasks as one ensemble that averages their probabilities
+    (OUT_DIR MODEL_DIR MODEL_DIR...); `mtl predict OUT_DIR ...` then uses all of them."""
+    from mtl.ensemble import export_ensemble
+
+    if len(args) < 3:
+        raise _fail("give OUT_DIR and at least two MODEL_DIRs")
+    try:
+        out = export_ensemble(args[0], args[1:], weight or None)
+    except MTLError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"[green]ensemble of {len(args) - 1} models written to[/] {out}")
 
 
 # ------------------------------------------------------------------------- plugins

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -15,6 +15,9 @@ from mtl.config import HeadConfig, TaskConfig
 from mtl.errors import ModelError
 from mtl.export import MTL_FILE
 from mtl.model import MultiTaskModel, SentenceEncoder
+
+if TYPE_CHECKING:
+    from mtl.ensemble import EnsemblePredictor
 
 __all__ = ["Predictor"]
 
@@ -34,7 +37,10 @@ def _quiet_transformers() -> Iterator[None]:
 
 class Predictor:
     """`Predictor.load(model_dir).predict(["a text", ...])` ->
-    `[{task: {"label": str, "probabilities": {label: p}}}, ...]`, one dict per text."""
+    `[{task: {"label": str, "probabilities": {label: p}}}, ...]`, one dict per text.
+
+    On an ensemble folder (`mtl.ensemble`: mtl.json's `kind` is "ensemble") `load` returns an
+    `EnsemblePredictor`, whose `predict` answers the same way."""
 
     def __init__(self, model: MultiTaskModel, tokenizer: Any, meta: dict[str, Any], device: str):
         self.model = model.eval()
@@ -45,7 +51,7 @@ class Predictor:
         self.max_length = int(meta["max_length"])
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu") -> Predictor:
+    def load(cls, model_dir: str | Path, device: str = "cpu") -> Predictor | EnsemblePredictor:
         from transformers import AutoModel, AutoTokenizer
 
         model_dir = Path(model_dir)
@@ -53,6 +59,10 @@ class Predictor:
             meta = json.loads((model_dir / MTL_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ModelError(f"{model_dir}: not an exported mtl model ({exc})") from exc
+        if isinstance(meta, dict) and meta.get("kind") == "ensemble":
+            from mtl.ensemble import EnsemblePredictor
+
+            return EnsemblePredictor.load(model_dir, device=device)
         try:
             with _quiet_transformers():
                 transformer = AutoModel.from_pretrained(model_dir)
@@ -60,7 +70,13 @@ class Predictor:
         except (OSError, ValueError) as exc:
             raise ModelError(f"{model_dir}: cannot load the encoder: {exc}") from exc
         tasks = [
-            TaskConfig(name=t["name"], labels=t["labels"], head=HeadConfig(**t["head"]))
+            TaskConfig(
+                name=t["name"],
+                labels=t["labels"],
+                head=HeadConfig(**t["head"]),
+                depends_on=t.get("depends_on", []),
+                depends_detach=t.get("depends_detach", True),
+            )
             for t in meta["tasks"]
         ]
         encoder = SentenceEncoder(transformer, meta["pooling"], meta["normalize"])

@@ -22,6 +22,8 @@ Indexes::
     {p}:idem:{o}:{key}      string  Idempotency-Key -> job id (with a TTL)
     {p}:dataset:{id}        hash    an uploaded dataset's record
     {p}:owner:{o}:datasets  zset    the owner's dataset ids, score = upload time (ms)
+    {p}:ensemble:{id}       hash    an ensemble: `owner`, `record` (EnsembleRecord JSON)
+    {p}:owner:{o}:ensembles zset    the owner's ensemble ids, score = creation time (ms)
     {p}:workers             zset    worker heartbeats, member = worker name, score = time (ms)
     {p}:study:{id}          hash    a study: `owner`, `record` (StudyRecord JSON), `cancel`
     {p}:study:{id}:trials   hash    trial number -> TrialRecord JSON
@@ -112,6 +114,13 @@ class Keys:
 
     def owner_datasets(self, owner: str) -> str:
         return f"{self.prefix}:owner:{owner}:datasets"
+
+    # ----------------------------------------------------------------------------- ensembles
+    def ensemble(self, ensemble_id: str) -> str:
+        return f"{self.prefix}:ensemble:{ensemble_id}"
+
+    def owner_ensembles(self, owner: str) -> str:
+        return f"{self.prefix}:owner:{owner}:ensembles"
 
     # ----------------------------------------------------------------------------- studies
     def study(self, study_id: str) -> str:

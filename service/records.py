@@ -9,6 +9,7 @@ The worker writes them, the API reads and returns them, the CLI client reads the
   `state` events (`service/lua/lib.lua`). `data` is the payload: a training log or an
   evaluation report (`mtl.callbacks` documents both), a checkpoint, a state change, a resume.
 * `DatasetRecord`: an uploaded dataset (`{p}:dataset:{id}`, beside its owner).
+* `EnsembleRecord`: an ensemble of jobs' models (`{p}:ensemble:{id}`; `mtl.ensemble`).
 * Scores: `mtl.summary.TaskScores` per task, here with the step they belong to (`latest`) or
   with the monitored metric that made them the best (`best`).
 """
@@ -30,6 +31,7 @@ __all__ = [
     "TERMINAL_STATES",
     "BestScores",
     "DatasetRecord",
+    "EnsembleRecord",
     "Event",
     "EventType",
     "FinalScores",
@@ -209,3 +211,19 @@ class DatasetRecord(BaseModel):
     )
     missing: dict[str, int] = Field(default_factory=dict, description="column -> empty cells")
     created_at: float
+
+
+class EnsembleRecord(BaseModel):
+    """An ensemble: copies of its members' models in one folder (`mtl.ensemble`), whose
+    prediction is the mean of theirs. It outlives its jobs (their models are copied)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    owner: str
+    name: str | None = None
+    members: list[str] = Field(description="the member jobs' ids, in order")
+    study_id: str | None = Field(None, description="the study whose best trials these are")
+    trials: list[int] | None = Field(None, description="those trials' numbers, best first")
+    created_at: float
+    tasks: dict[str, list[str]] = Field(description="task -> label names, in config order")

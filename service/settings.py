@@ -221,6 +221,13 @@ class Settings(BaseSettings):
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
+    @property
+    def ensembles_dir(self) -> Path:
+        return self.data_dir / "ensembles"
+
+    def ensemble_dir(self, ensemble_id: str) -> Path:
+        return self.ensembles_dir / ensemble_id
+
     def require_redis_url(self) -> str:
         if not self.redis_url:
             raise RuntimeError("MTL_REDIS_URL is not set (`mtl serve` sets it up for local use)")

@@ -25,12 +25,14 @@ from app.core.errors import BadRequest, NotFound, Unauthorized
 from app.core.predictors import PredictorCache
 from service.async_store import AsyncJobStore
 from service.datasets import AsyncDatasetStore
+from service.ensembles import AsyncEnsembleStore
 from service.records import JobRecord
 from service.settings import ANONYMOUS, Settings
 
 __all__ = [
     "CeleryDep",
     "DatasetStoreDep",
+    "EnsembleStoreDep",
     "JobDep",
     "JobStoreDep",
     "KeyGate",
@@ -59,6 +61,10 @@ async def get_dataset_store(request: Request) -> AsyncDatasetStore:
     return request.app.state.datasets
 
 
+async def get_ensemble_store(request: Request) -> AsyncEnsembleStore:
+    return request.app.state.ensembles
+
+
 async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
@@ -71,6 +77,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Any, Depends(get_redis)]
 JobStoreDep = Annotated[AsyncJobStore, Depends(get_job_store)]
 DatasetStoreDep = Annotated[AsyncDatasetStore, Depends(get_dataset_store)]
+EnsembleStoreDep = Annotated[AsyncEnsembleStore, Depends(get_ensemble_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 

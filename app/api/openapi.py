@@ -1,8 +1,9 @@
 """The OpenAPI document: FastAPI's own, plus the schemas of bodies the app parses itself.
 
-A job or study body is parsed by a dependency (`app.api.validation`), strictly and once, so no
-route declares it as a parameter and FastAPI would not list its schema. Each is added here,
-with every model it refers to, under `components/schemas` (the routes refer to it with `$ref`).
+A job, study or ensemble body is parsed by a dependency (`app.api.validation`), strictly and
+once, so no route declares it as a parameter and FastAPI would not list its schema. Each is
+added here, with every model it refers to, under `components/schemas` (the routes refer to it
+with `$ref`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.api.schemas import JobCreate
+from app.api.schemas import EnsembleCreate, JobCreate
 from service.studies.spec import StudyCreate
 
 __all__ = ["install_openapi"]
@@ -20,7 +21,7 @@ __all__ = ["install_openapi"]
 _REF = "#/components/schemas/{model}"
 
 #: the request bodies parsed by dependencies rather than by FastAPI
-BODIES = (JobCreate, StudyCreate)
+BODIES = (JobCreate, StudyCreate, EnsembleCreate)
 
 
 def install_openapi(app: FastAPI) -> None:

@@ -5,13 +5,28 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from mtl.config import TrainConfig
 from mtl.datafiles.reading import is_valid_unicode
-from service.records import BestScores, DatasetRecord, FinalScores, JobState, LatestScores
+from service.records import (
+    BestScores,
+    DatasetRecord,
+    EnsembleRecord,
+    FinalScores,
+    JobState,
+    LatestScores,
+)
 from service.studies.records import StudyRecord, StudyState, TrialRecord
 
 __all__ = [
@@ -20,6 +35,12 @@ __all__ = [
     "ConflictOut",
     "DatasetList",
     "DatasetOut",
+    "EnsembleCreate",
+    "EnsembleFromJobs",
+    "EnsembleFromStudy",
+    "EnsembleLinks",
+    "EnsembleList",
+    "EnsembleOut",
     "ErrorOut",
     "JobCreate",
     "JobList",
@@ -195,7 +216,9 @@ class PredictIn(BaseModel):
 
 
 class PredictOut(BaseModel):
-    job_id: str
+    job_id: str = Field(
+        description="the job whose model answered (a study's best trial's job), or the ensemble"
+    )
     predictions: list[dict[str, Any]] = Field(
         description="one per text: task -> {label, probabilities: {label: p}}"
     )
@@ -247,3 +270,80 @@ class StudyList(BaseModel):
 class StudyCancelOut(BaseModel):
     id: str
     state: StudyState
+
+
+# ---------------------------------------------------------------------------------- ensembles
+
+#: the most members of an ensemble (each is a whole model in the API's memory when it predicts)
+MAX_ENSEMBLE_MEMBERS = 16
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+
+
+class EnsembleFromJobs(BaseModel):
+    """An ensemble of the listed jobs' models: succeeded jobs of this key, same tasks and labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=200, description="a label for people")
+    jobs: list[Id] = Field(
+        ...,
+        min_length=2,
+        max_length=MAX_ENSEMBLE_MEMBERS,
+        json_schema_extra={"uniqueItems": True},
+        description="job ids, in order (their predictions get equal weights)",
+    )
+
+    @field_validator("jobs")
+    @classmethod
+    def _distinct(cls, jobs: list[str]) -> list[str]:
+        for i, job_id in enumerate(jobs):
+            if job_id in jobs[:i]:
+                raise ValueError(f"jobs[{i}] repeats jobs[{jobs.index(job_id)}]")
+        return jobs
+
+
+class EnsembleFromStudy(BaseModel):
+    """An ensemble of a study's `top` best completed search trials: every job of each (one per
+    seed or fold), best trial first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=200, description="a label for people")
+    study: Id = Field(..., description="a study id of this key")
+    top: int = Field(..., ge=1, le=MAX_ENSEMBLE_MEMBERS, description="how many trials")
+
+
+class EnsembleCreate(RootModel[EnsembleFromJobs | EnsembleFromStudy]):
+    """`{"jobs": [...]}` or `{"study": id, "top": k}`, each with an optional `name`. A body with
+    `study` is read as the second kind, any other as the first (so a 422 names the field of
+    the kind meant, not of both)."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_kind(cls, data: Any, handler: Any) -> Any:
+        if isinstance(data, EnsembleCreate | EnsembleFromJobs | EnsembleFromStudy):
+            return handler(data)
+        study = isinstance(data, dict) and "study" in data
+        model = EnsembleFromStudy if study else EnsembleFromJobs
+        return cls.model_construct(model.model_validate(data, strict=True))
+
+
+class EnsembleLinks(BaseModel):
+    self: str
+    model: str
+    predict: str
+
+
+class EnsembleOut(EnsembleRecord):
+    """An ensemble: its members (job ids), the study and trials they come from, its tasks."""
+
+    links: EnsembleLinks
+
+
+class EnsembleList(BaseModel):
+    items: list[EnsembleOut]
+    total: int
+    offset: int
+    limit: int
+    next: str | None = None

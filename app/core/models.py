@@ -1,6 +1,7 @@
-"""A job's exported model as the API serves it: the archive to download, and predictions.
+"""A model as the API serves it: the archive to download, and predictions.
 
-Shared by `/v1/jobs/{id}` and `/v1/studies/{id}` (a study's model is its best trial's).
+Shared by `/v1/jobs/{id}`, `/v1/studies/{id}` (a study's model is its best trial's) and
+`/v1/ensembles/{id}`: each takes a job record (its exported model) or a model folder.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ def model_dir(record: JobRecord, settings: Settings) -> Path:
     return folder
 
 
-async def model_archive(record: JobRecord, settings: Settings) -> Path:
-    """model/ as a .tar.gz beside it (built once, atomically)."""
-    folder = model_dir(record, settings)
-    target = settings.job_dir(record.id) / "model.tar.gz"
+async def model_archive(model: JobRecord | Path, settings: Settings) -> Path:
+    """A job's model/ (or the model folder `model`) as a .tar.gz beside it, `model.tar.gz`
+    (built once, atomically; its top folder is `model/`)."""
+    folder = model if isinstance(model, Path) else model_dir(model, settings)
+    target = folder.with_name("model.tar.gz")
     if target.is_file() and target.stat().st_mtime >= (folder / "mtl.json").stat().st_mtime:
         return target
     return await anyio.to_thread.run_sync(archive_dir, folder, target, "model")
@@ -52,23 +54,25 @@ def archive_dir(folder: Path, target: Path, arcname: str) -> Path:
 
 
 async def predict_texts(
-    record: JobRecord,
+    model: JobRecord | Path,
     texts: list[str],
     settings: Settings,
     predictors: PredictorCache,
     limiter: anyio.CapacityLimiter,
 ) -> list[dict[str, Any]]:
-    """Every task head's prediction for `texts` with the job's model (in a worker thread)."""
+    """Every task head's prediction for `texts` with the job's model, or the model in the
+    folder `model` (in a worker thread)."""
     if len(texts) > settings.max_predict_texts:
         raise Invalid(f"at most {settings.max_predict_texts} texts per call", ["body", "texts"])
     for i, text in enumerate(texts):
         if len(text) > settings.max_text_chars:
             raise Invalid(f"longer than {settings.max_text_chars} characters", ["body", "texts", i])
-    folder = model_dir(record, settings)
+    folder = model if isinstance(model, Path) else model_dir(model, settings)
     try:
         predictions: list[dict[str, Any]] = await anyio.to_thread.run_sync(
             predictors.predict, folder, texts, limiter=limiter
         )
     except ModelError as exc:
-        raise Conflict(f"the model cannot be used: {exc}", record.state) from None
+        state = None if isinstance(model, Path) else model.state
+        raise Conflict(f"the model cannot be used: {exc}", state) from None
     return predictions
