@@ -9,7 +9,13 @@ model/
                                       the encoder's input embeddings)
     mtl.json                          tasks (label names, head configs, dependencies, in
                                       config order; `task_order`: the order heads run in),
-                                      pooling, metrics
+                                      pooling, metrics; `sentence_transformers`: whether the
+                                      layout below is there
+    modules.json                      the sentence-transformers layout, only when there is a
+    sentence_bert_config.json         tokenizer: `SentenceTransformer(model_dir)` loads the
+    1_Pooling/config.json             encoder with our pooling (2_Normalize/, empty, with
+    2_Normalize/                      `encoder.normalize`) and embeds texts as our
+                                      `SentenceEncoder` does; it ignores the heads
 """
 
 from __future__ import annotations
@@ -30,6 +36,48 @@ __all__ = ["MTL_FILE", "export_model"]
 
 MTL_FILE = "mtl.json"
 FORMAT_VERSION = 1
+
+# sentence-transformers' classic module names and config keys (those of every release since 2.0,
+# still read by the current one): the library itself is not needed to write them.
+_ST_MODULES = "sentence_transformers.models"
+_ST_POOLING_FLAGS = {
+    "cls": "pooling_mode_cls_token",
+    "mean": "pooling_mode_mean_tokens",
+    "max": "pooling_mode_max_tokens",
+}
+
+
+def _write_sentence_transformers_layout(directory: Path, config: TrainConfig, hidden: int) -> None:
+    """modules.json (Transformer at the root, Pooling, Normalize when `encoder.normalize`),
+    sentence_bert_config.json and 1_Pooling/config.json: what `SentenceTransformer(path)` reads.
+    The Transformer module loads config.json, model.safetensors and the tokenizer files."""
+    enc = config.encoder
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": f"{_ST_MODULES}.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": f"{_ST_MODULES}.Pooling"},
+    ]
+    if enc.normalize:
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": f"{_ST_MODULES}.Normalize"}
+        )
+        (directory / "2_Normalize").mkdir()  # Normalize has no config; its folder stays empty
+    (directory / "modules.json").write_text(json.dumps(modules, indent=2), encoding="utf-8")
+    (directory / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": enc.max_length, "do_lower_case": False}, indent=2),
+        encoding="utf-8",
+    )
+    pooling = {
+        "word_embedding_dimension": hidden,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+    pooling[_ST_POOLING_FLAGS[enc.pooling]] = True
+    (directory / "1_Pooling").mkdir()
+    (directory / "1_Pooling" / "config.json").write_text(
+        json.dumps(pooling, indent=2), encoding="utf-8"
+    )
 
 
 def export_model(
@@ -65,6 +113,8 @@ def export_model(
                 tokenizer = None
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+        # Without a tokenizer the encoder cannot embed text: no sentence-transformers layout.
+        _write_sentence_transformers_layout(tmp, config, model.encoder.hidden_size)
     heads = {
         f"{task}.{k}": v.detach().cpu().contiguous()
         for task, head in model.heads.items()
@@ -84,6 +134,7 @@ def export_model(
         "normalize": config.encoder.normalize,
         "max_length": config.encoder.max_length,
         "has_tokenizer": tokenizer is not None,
+        "sentence_transformers": tokenizer is not None,
         "task_order": config.task_order,
         "tasks": [
             {
