@@ -30,6 +30,7 @@ from service.ensembles import AsyncEnsembleStore
 from service.keys import Keys
 from service.queue import make_celery
 from service.settings import Settings, get_settings
+from service.storage import Storage
 from service.studies.store import AsyncStudyStore
 
 __all__ = ["create_app"]
@@ -87,7 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stream_ttl_s=settings.stream_ttl_s,
             idempotency_ttl_s=settings.idempotency_ttl_s,
         )
-        app.state.datasets = AsyncDatasetStore(client, keys, settings.data_dir)
+        app.state.storage = Storage.from_settings(settings)
+        app.state.datasets = AsyncDatasetStore(client, keys, app.state.storage)
         # The hub's blocking XREAD must return well within the socket timeout; subscribers
         # keep their own keep-alive timers.
         block_ms = int(min(settings.sse_keepalive_s, 2.0, settings.redis_timeout_s / 2) * 1000)

@@ -1,31 +1,37 @@
 """Uploaded datasets: where their files live and their records in Redis.
 
-A dataset is a CSV or JSONL file stored as ``<data_dir>/datasets/<id>/data.<csv|jsonl>``.
+A dataset is a CSV or JSONL file stored as the unit ``datasets/<id>`` of the artifact store
+(`service.storage`), holding ``data.<csv|jsonl>``: in place, ``<data_dir>/datasets/<id>/``.
 Jobs name it as ``dataset:<id>``; `resolver` is the only way the worker turns a source string
-into a path, so a job can never make the service read a path a client chose.
+into a path (staging the unit from a remote store), so a job can never make the service read a
+path a client chose.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from mtl.errors import DataError
 from service.async_store import newest_first
 from service.keys import Keys
 from service.records import DatasetRecord
+from service.storage import Storage, StorageError
 
 __all__ = [
     "DATASET_ID_RE",
     "SOURCE_PREFIX",
     "AsyncDatasetStore",
+    "data_file",
     "dataset_dir",
     "dataset_file",
+    "dataset_key",
     "new_dataset_id",
     "parse_source",
     "resolver",
@@ -48,15 +54,20 @@ def parse_source(source: str) -> str | None:
     return dataset_id if DATASET_ID_RE.match(dataset_id) else None
 
 
-def dataset_dir(data_dir: Path, dataset_id: str) -> Path:
+def dataset_key(dataset_id: str) -> str:
+    """The dataset's unit in the artifact store."""
     if not DATASET_ID_RE.match(dataset_id):
         raise ValueError(f"not a dataset id: {dataset_id!r}")
-    return data_dir / "datasets" / dataset_id
+    return f"datasets/{dataset_id}"
 
 
-def dataset_file(data_dir: Path, dataset_id: str) -> Path | None:
-    """The stored file of a dataset, or None when there is none."""
-    folder = dataset_dir(data_dir, dataset_id)
+def dataset_dir(data_dir: Path, dataset_id: str) -> Path:
+    """The dataset's folder in the data directory (the in-place store's unit)."""
+    return data_dir / dataset_key(dataset_id)
+
+
+def data_file(folder: Path) -> Path | None:
+    """The data file of a dataset folder, or None when there is none."""
     for fmt in FORMATS:
         path = folder / f"data.{fmt}"
         if path.is_file():
@@ -64,7 +75,19 @@ def dataset_file(data_dir: Path, dataset_id: str) -> Path | None:
     return None
 
 
-def resolver(data_dir: Path) -> Callable[[str], Path]:
+def dataset_file(storage: Storage, dataset_id: str) -> Path | None:
+    """A local copy of a dataset's file (its stored path in place), or None when the store
+    holds no such dataset. StorageError when the store cannot be reached."""
+    try:
+        folder = storage.stage_dir(dataset_key(dataset_id))
+    except StorageError:
+        if storage.in_place or storage.manifest(dataset_key(dataset_id)) is not None:
+            raise
+        return None
+    return data_file(folder)
+
+
+def resolver(storage: Storage) -> Callable[[str], Path]:
     """`resolve` for `mtl.trainer.train` / `mtl.datafiles.check_data`: dataset ids only."""
 
     def resolve(source: str) -> Path:
@@ -73,7 +96,7 @@ def resolver(data_dir: Path) -> Callable[[str], Path]:
             raise DataError(
                 "the service reads only uploaded datasets, named `dataset:<id>`", file=source
             )
-        path = dataset_file(data_dir, dataset_id)
+        path = dataset_file(storage, dataset_id)
         if path is None:
             raise DataError("no such dataset (was it deleted?)", file=source)
         return path
@@ -84,10 +107,10 @@ def resolver(data_dir: Path) -> Callable[[str], Path]:
 class AsyncDatasetStore:
     """Dataset records (redis.asyncio, `decode_responses=True`) and their files."""
 
-    def __init__(self, redis: Any, keys: Keys, data_dir: Path) -> None:
+    def __init__(self, redis: Any, keys: Keys, storage: Storage) -> None:
         self.redis = redis
         self.keys = keys
-        self.data_dir = data_dir
+        self.storage = storage
 
     async def add(self, owner: str, dataset_id: str, info: dict[str, Any]) -> DatasetRecord:
         now = time.time()
@@ -125,5 +148,5 @@ class AsyncDatasetStore:
         pipe.delete(self.keys.dataset(dataset_id))
         pipe.zrem(self.keys.owner_datasets(owner), dataset_id)
         await pipe.execute()
-        shutil.rmtree(dataset_dir(self.data_dir, dataset_id), ignore_errors=True)
+        await anyio.to_thread.run_sync(self.storage.delete, dataset_key(dataset_id))
         return True

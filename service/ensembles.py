@@ -1,7 +1,8 @@
 """Ensembles of jobs' models: their records in Redis, and which of a study's jobs make one.
 
-An ensemble's folder is ``<data_dir>/ensembles/<id>/model`` (`Settings.ensemble_dir`), written
-by `mtl.ensemble.export_ensemble` with copies of its members' models, so it outlives their jobs.
+An ensemble's folder is the unit ``ensembles/<id>/model`` of the artifact store
+(`service.storage.ensemble_key`), written by `mtl.ensemble.export_ensemble` with copies of its
+members' models, so it outlives their jobs.
 The record (`service.records.EnsembleRecord`) sits in ``{p}:ensemble:{id}`` beside its owner;
 the owner's index is ``{p}:owner:{o}:ensembles`` (keys in `service.keys`).
 """

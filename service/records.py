@@ -168,6 +168,12 @@ class JobRecord(BaseModel):
     error: str | None = None
     stop_reason: str | None = None
     model: bool = Field(False, description="an exported model exists")
+    # the artifact store (service.storage): pointers the fenced scripts write
+    artifacts: str | None = Field(
+        None, description="where the model lies in the store (`model/`, `model.tar.gz`)"
+    )
+    checkpoint: str | None = Field(None, description="the unit of the last checkpoint (remote)")
+    checkpoint_best: str | None = Field(None, description="the unit of the best checkpoint")
 
     @property
     def terminal(self) -> bool:

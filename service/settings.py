@@ -21,7 +21,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mtl.config import BUNDLED_MINILM
@@ -45,6 +45,27 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(
         default=Path(".mtl"), description="datasets, checkpoints, exported models"
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description="where datasets, checkpoints, models and TensorBoard files live: unset: the "
+        "data directory itself (API and workers share it); `s3://bucket/prefix` (with the "
+        "MTL_S3_* settings) or another fsspec URL: a store API and workers reach over the "
+        "network, with nothing shared on disk (see service/storage.py)",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="an S3-compatible server (MinIO, SeaweedFS...); unset: AWS"
+    )
+    s3_region: str | None = Field(default=None)
+    s3_access_key_id: SecretStr | None = Field(default=None)
+    s3_secret_access_key: SecretStr | None = Field(default=None)
+    cache_dir: Path | None = Field(
+        default=None,
+        description="local copies of stored units (models, datasets, checkpoints to resume) and "
+        "the work folders of running jobs, with a remote store; default <data_dir>/cache",
+    )
+    cache_max_bytes: int = Field(
+        default=20 * 1024**3, ge=0, description="the cache's size; least recently used evicted"
     )
     key_prefix: str = Field(default="mtl", pattern=r"^[A-Za-z0-9_\-.]{1,32}$")
     redis_max_connections: int = Field(default=256, ge=8, description="per API process")
@@ -173,6 +194,20 @@ class Settings(BaseSettings):
             raise ValueError("cancel_poll_s must be at most half of lease_ttl_s")
         return self
 
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.rstrip("/")
+        scheme, sep, rest = value.partition("://")
+        if not sep or not scheme or not rest.strip("/"):
+            raise ValueError(
+                f"storage_url {value!r} must be a URL with a scheme and a root, "
+                "e.g. s3://bucket/prefix or file:///srv/mtl"
+            )
+        return value
+
     @field_validator("api_keys")
     @classmethod
     def _owners(cls, value: dict[str, str]) -> dict[str, str]:
@@ -209,24 +244,6 @@ class Settings(BaseSettings):
     @property
     def open_access(self) -> bool:
         return not self.api_keys
-
-    @property
-    def datasets_dir(self) -> Path:
-        return self.data_dir / "datasets"
-
-    @property
-    def jobs_dir(self) -> Path:
-        return self.data_dir / "jobs"
-
-    def job_dir(self, job_id: str) -> Path:
-        return self.jobs_dir / job_id
-
-    @property
-    def ensembles_dir(self) -> Path:
-        return self.data_dir / "ensembles"
-
-    def ensemble_dir(self, ensemble_id: str) -> Path:
-        return self.ensembles_dir / ensemble_id
 
     def require_redis_url(self) -> str:
         if not self.redis_url:

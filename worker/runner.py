@@ -31,7 +31,9 @@ from service.datasets import resolver
 from service.keys import Keys
 from service.records import FinalScores, JobState
 from service.settings import Settings
+from service.storage import Storage
 from service.store import BeginOutcome, JobStore, Lease
+from worker.artifacts import JobArtifacts
 from worker.progress import STOP_CANCELLED, LeaseKeeper, RedisProgress, wait_for_redis
 
 __all__ = ["make_token", "run_attempt", "sync_redis"]
@@ -100,6 +102,8 @@ def _run_started(store: JobStore, lease: Lease, lease_ms: int, settings: Setting
 
     progress: RedisProgress | None = None
     keeper: LeaseKeeper | None = None
+    artifacts: JobArtifacts | None = None
+    published: dict[str, Any] = {}
     error: str | None = None
     result = None
     try:
@@ -126,16 +130,24 @@ def _run_started(store: JobStore, lease: Lease, lease_ms: int, settings: Setting
             torch.set_num_threads(settings.torch_threads)
         from mtl.trainer import train
 
-        output_dir = settings.job_dir(job_id)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        storage = Storage.from_settings(settings)
+        artifacts = JobArtifacts(storage, store, lease, lease_ms)
+        record = wait_for_redis(lambda: store.get(job_id), "reading the job")
+        output_dir = artifacts.prepare(record)
+        callbacks: list[Any] = [progress, TensorBoardCallback(output_dir / "tensorboard")]
+        uploader = artifacts.callback()
+        if uploader is not None:
+            callbacks.append(uploader)
         result = train(
             config,
             output_dir,
-            callbacks=[progress, TensorBoardCallback(output_dir / "tensorboard")],
+            callbacks=callbacks,
             control=TrainControl(),
-            resolve=resolver(settings.data_dir),
+            resolve=resolver(storage),
             resume=True,
         )
+        if result.outcome is Outcome.COMPLETED and result.model_dir is not None:
+            published = artifacts.publish(result.model_dir)
     except MTLError as exc:
         error = str(exc)
     except Exception as exc:  # a bug or the environment (e.g. CUDA OOM): fail, do not loop
@@ -145,6 +157,24 @@ def _run_started(store: JobStore, lease: Lease, lease_ms: int, settings: Setting
         if keeper is not None:
             keeper.stop()
 
+    outcome = "failed"
+    try:
+        outcome = _finish(store, lease, progress, result, error, published)
+        return outcome
+    finally:
+        if artifacts is not None:  # older attempts' checkpoints go only once this one has won
+            artifacts.cleanup(succeeded=outcome == JobState.SUCCEEDED)
+
+
+def _finish(
+    store: JobStore,
+    lease: Lease,
+    progress: RedisProgress | None,
+    result: Any,
+    error: str | None,
+    published: dict[str, Any],
+) -> str:
+    job_id, attempt = lease.job_id, lease.attempt
     if progress is not None and progress.stale:
         log.warning("job %s attempt %s was superseded; leaving it alone", job_id, attempt)
         return "stale"
@@ -157,6 +187,7 @@ def _run_started(store: JobStore, lease: Lease, lease_ms: int, settings: Setting
     elif result is not None and result.outcome is Outcome.COMPLETED:
         state = JobState.SUCCEEDED
         fields["model"] = "1" if result.model_dir is not None else "0"
+        fields.update(published)
         final: FinalScores = {s: summarise(r) for s, r in result.metrics.items() if r}
         fields["final_metrics"] = {s: v.model_dump(exclude_none=True) for s, v in final.items()}
         if result.state.stop_reason:

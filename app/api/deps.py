@@ -28,6 +28,7 @@ from service.datasets import AsyncDatasetStore
 from service.ensembles import AsyncEnsembleStore
 from service.records import JobRecord
 from service.settings import ANONYMOUS, Settings
+from service.storage import Storage
 
 __all__ = [
     "CeleryDep",
@@ -40,6 +41,7 @@ __all__ = [
     "PredictorsDep",
     "RedisDep",
     "SettingsDep",
+    "StorageDep",
     "ValidJobDep",
     "authenticate",
 ]
@@ -65,6 +67,10 @@ async def get_ensemble_store(request: Request) -> AsyncEnsembleStore:
     return request.app.state.ensembles
 
 
+async def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
 async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
@@ -78,6 +84,7 @@ RedisDep = Annotated[Any, Depends(get_redis)]
 JobStoreDep = Annotated[AsyncJobStore, Depends(get_job_store)]
 DatasetStoreDep = Annotated[AsyncDatasetStore, Depends(get_dataset_store)]
 EnsembleStoreDep = Annotated[AsyncEnsembleStore, Depends(get_ensemble_store)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 

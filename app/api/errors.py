@@ -27,6 +27,7 @@ from app.core.errors import (
     Unauthorized,
     Unavailable,
 )
+from service.storage import StorageError
 
 __all__ = ["error_response", "install_error_handlers"]
 
@@ -122,6 +123,14 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "the job store (Redis) is unavailable"}, status_code=503)
 
 
+async def _storage_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("artifact store error on %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        {"detail": "the artifact store is unavailable or incomplete; try again later"},
+        status_code=503,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     for cls in _STATUS:
         app.add_exception_handler(cls, _service_error)
@@ -129,3 +138,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(StorageError, _storage_down)

@@ -256,7 +256,7 @@ async def check_sources(
             raise Invalid(f"dataset {dataset_id} not found", loc)
     from mtl.datafiles import check_data, read_records
 
-    resolve = resolver(settings.data_dir)
+    resolve = resolver(datasets.storage)
     try:
         await anyio.to_thread.run_sync(check_data, config, resolve)
         if config.mlm.enabled and config.mlm.data:  # unlabeled texts: the column, every row

@@ -40,6 +40,7 @@ from app.main import create_app
 from service.embedded import REPO_ROOT, RedisServer, free_port, stop_process
 from service.keys import Keys
 from service.settings import Settings
+from service.storage import Storage
 from tests.service.conftest import DUMMY, KEYS, auth, submit, wait_for
 
 # ------------------------------------------------------------------------ in-process API
@@ -719,9 +720,8 @@ def test_wide_or_long_uploads_under_the_cap_are_422(
     detail = r.json()["detail"][0]
     assert detail["loc"] == ["body", "file"] and message in detail["msg"], detail
     assert took < 15, f"{took:.1f}s"
-    assert (
-        not any(app_settings.datasets_dir.iterdir()) if app_settings.datasets_dir.exists() else True
-    )
+    datasets_dir = app_settings.data_dir / "datasets"
+    assert not any(datasets_dir.iterdir()) if datasets_dir.exists() else True
     assert client.get("/v1/datasets", headers=auth("alice")).json()["total"] == 0
 
 
@@ -842,7 +842,7 @@ def test_orphan_dataset_folders_are_swept_at_start(
     # Redis away: the sweep logs and keeps everything (the API starts all the same)
     orphan = make(new_dataset_id(), folder_age=hours_ago, file_age=hours_ago)
     dead = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
-    store = AsyncDatasetStore(dead, Keys(prefix), data)
+    store = AsyncDatasetStore(dead, Keys(prefix), Storage(None, data, data / "cache"))
     with caplog.at_level(logging.WARNING, logger="app.api.routes.datasets"):
         assert anyio.run(sweep_orphans, store) == []
     assert orphan.is_dir() and "sweep of orphan dataset folders stopped" in caplog.text

@@ -12,7 +12,7 @@ from typing import IO, Annotated, Literal
 import anyio
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 
-from app.api.deps import DatasetStoreDep, OwnerDep, SettingsDep
+from app.api.deps import DatasetStoreDep, OwnerDep, SettingsDep, StorageDep
 from app.api.schemas import MAX_OFFSET, DatasetList, DatasetOut, ErrorOut, error_responses
 from app.core.errors import Invalid, NotFound, TooLarge
 from mtl.errors import DataError
@@ -20,7 +20,7 @@ from service.datasets import (
     DATASET_ID_RE,
     SOURCE_PREFIX,
     AsyncDatasetStore,
-    dataset_dir,
+    dataset_key,
     new_dataset_id,
 )
 from service.settings import Settings
@@ -86,8 +86,10 @@ async def sweep_orphans(
     record (or before removing a refused one) leaves such a folder. Younger folders may be
     uploads in progress in another API process; folders whose names are not dataset ids are
     not touched. Never raises (Redis away: logged, nothing removed)."""
-    datasets_dir = store.data_dir / "datasets"
     removed: list[str] = []
+    if not store.storage.in_place:
+        return removed  # uploads go through a local folder that is removed in every case
+    datasets_dir = store.storage.data_dir / "datasets"
     try:
         stale = await anyio.to_thread.run_sync(_stale_folders, datasets_dir, older_than_s)
         if not stale:
@@ -152,6 +154,7 @@ async def upload_dataset(
     owner: OwnerDep,
     store: DatasetStoreDep,
     settings: SettingsDep,
+    storage: StorageDep,
     name: Annotated[str | None, Form(max_length=200)] = None,
     format: Annotated[Literal["auto", "csv", "jsonl"], Form()] = "auto",
 ) -> DatasetOut:
@@ -167,7 +170,9 @@ async def upload_dataset(
             )
     assert fmt is not None
     dataset_id = new_dataset_id()
-    folder = dataset_dir(settings.data_dir, dataset_id)
+    key = dataset_key(dataset_id)
+    # in place: straight into the data directory; a remote store: a local upload folder first
+    folder = storage.local(key) if storage.in_place else storage.cache_dir / "uploads" / dataset_id
     path = folder / f"data.{fmt}"
     source = f"{SOURCE_PREFIX}{dataset_id}"
     try:
@@ -175,12 +180,18 @@ async def upload_dataset(
             _store_upload, file.file, path, settings.max_upload_bytes
         )
         info = await anyio.to_thread.run_sync(_inspect, path, fmt, source, settings)
+        await anyio.to_thread.run_sync(storage.put_dir, folder, key)
     except DataError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise Invalid(str(exc), ["body", "file"], "data_error") from None
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            await anyio.to_thread.run_sync(storage.delete, key)
         raise
+    finally:
+        if not storage.in_place:
+            shutil.rmtree(folder, ignore_errors=True)
     try:
         record = await store.add(
             owner,
@@ -195,7 +206,8 @@ async def upload_dataset(
             },
         )
     except BaseException:  # no record (Redis away, the client gone): no file either
-        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            await anyio.to_thread.run_sync(storage.delete, key)
         raise
     return record
 

@@ -2,15 +2,13 @@
 trials) as one model whose prediction is the mean of their probabilities; download and predict
 as for a job.
 
-The API builds the ensemble's folder itself (`mtl.ensemble`, in a worker thread): copies of the
-members' models under `<data dir>/ensembles/<id>/model`, so it outlives their jobs.
+The API builds the ensemble itself (`mtl.ensemble`, in a worker thread): copies of the members'
+models under `ensembles/<id>/model` in the artifact store, so it outlives their jobs.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 from typing import Annotated
 
 import anyio
@@ -24,6 +22,7 @@ from app.api.deps import (
     OwnerDep,
     PredictorsDep,
     SettingsDep,
+    StorageDep,
 )
 from app.api.routes.studies import StudiesDep
 from app.api.schemas import (
@@ -43,11 +42,11 @@ from app.api.schemas import (
 from app.api.validation import body_openapi, parse_body
 from app.core.ensembles import Member, build_ensemble
 from app.core.errors import Conflict, Invalid, NotFound
-from app.core.models import model_archive, predict_texts
+from app.core.models import model_download, model_prefix, predict_texts
 from service.async_store import AsyncJobStore
 from service.ensembles import best_trials, new_ensemble_id
-from service.records import EnsembleRecord, JobRecord, JobState
-from service.settings import Settings
+from service.records import EnsembleRecord, JobRecord
+from service.storage import ensemble_key
 from service.studies.store import AsyncStudyStore
 
 __all__ = ["router"]
@@ -93,35 +92,27 @@ def ensemble_out(record: EnsembleRecord) -> EnsembleOut:
     return EnsembleOut(**record.model_dump(), links=_links(record.id))
 
 
-def _model_folder(record: EnsembleRecord, settings: Settings) -> Path:
-    folder = settings.ensemble_dir(record.id) / "model"
-    if not (folder / "mtl.json").is_file():
-        raise NotFound(f"ensemble {record.id} has no model folder")
-    return folder
-
-
-def _member(record: JobRecord, settings: Settings, label: str, loc: list[str | int]) -> Member:
+def _member(record: JobRecord, label: str, loc: list[str | int]) -> Member:
     """A job that may join: succeeded (else 409), with its exported model (else 422)."""
-    if record.state is not JobState.SUCCEEDED:
+    try:
+        prefix = model_prefix(record, label)
+    except Conflict as exc:
         raise Conflict(
             f"{label} is {record.state}: only a succeeded job's model can join an ensemble",
-            record.state,
-        )
-    folder = settings.job_dir(record.id) / "model"
-    if not record.model or not (folder / "mtl.json").is_file():
-        raise Invalid(f"{label} has no exported model", loc)
-    return Member(job_id=record.id, folder=folder, label=label, loc=loc)
+            exc.state,
+        ) from None
+    except NotFound as exc:
+        raise Invalid(exc.message, loc) from None
+    return Member(job_id=record.id, prefix=prefix, label=label, loc=loc)
 
 
-async def _job_members(
-    body: EnsembleFromJobs, owner: str, jobs: AsyncJobStore, settings: Settings
-) -> list[Member]:
+async def _job_members(body: EnsembleFromJobs, owner: str, jobs: AsyncJobStore) -> list[Member]:
     members = []
     for i, job_id in enumerate(body.jobs):
         record = await jobs.get(job_id, owner)
         if record is None:
             raise NotFound(f"job {job_id} not found")
-        members.append(_member(record, settings, f"jobs[{i}] (job {job_id})", ["body", "jobs", i]))
+        members.append(_member(record, f"jobs[{i}] (job {job_id})", ["body", "jobs", i]))
     return members
 
 
@@ -130,7 +121,6 @@ async def _study_members(
     owner: str,
     studies: AsyncStudyStore,
     jobs: AsyncJobStore,
-    settings: Settings,
 ) -> tuple[list[Member], list[int]]:
     """Every job of the study's `top` best completed search trials, best trial first."""
     study = await studies.get(body.study, owner)
@@ -158,7 +148,7 @@ async def _study_members(
         if record is None:
             raise NotFound(f"job {job_id} (trial {number} of study {study.id}) not found")
         label = f"job {job_id} (trial {number})"
-        members.append(_member(record, settings, label, ["body", "study"]))
+        members.append(_member(record, label, ["body", "study"]))
     return members, [trial.number for trial in chosen]
 
 
@@ -206,7 +196,7 @@ async def create_ensemble(
     jobs: JobStoreDep,
     studies: StudiesDep,
     ensembles: EnsembleStoreDep,
-    settings: SettingsDep,
+    storage: StorageDep,
 ) -> EnsembleOut:
     """Every member must be a succeeded job of this key with an exported model, and all must
     have the same tasks and, per task, the same labels in the same order. The members' models
@@ -214,14 +204,13 @@ async def create_ensemble(
     the mean of the members' probabilities (equal weights)."""
     trials: list[int] | None = None
     if isinstance(body, EnsembleFromStudy):
-        members, trials = await _study_members(body, owner, studies, jobs, settings)
+        members, trials = await _study_members(body, owner, studies, jobs)
         study_id: str | None = body.study
     else:
-        members = await _job_members(body, owner, jobs, settings)
+        members = await _job_members(body, owner, jobs)
         study_id = None
     ensemble_id = new_ensemble_id()
-    folder = settings.ensemble_dir(ensemble_id) / "model"
-    tasks = await anyio.to_thread.run_sync(build_ensemble, folder, members)
+    tasks = await anyio.to_thread.run_sync(build_ensemble, storage, ensemble_id, members)
     record = EnsembleRecord(
         id=ensemble_id,
         owner=owner,
@@ -235,7 +224,7 @@ async def create_ensemble(
     try:
         await ensembles.create(record)
     except BaseException:
-        await anyio.to_thread.run_sync(shutil.rmtree, folder.parent, True)
+        await anyio.to_thread.run_sync(storage.delete, ensemble_key(ensemble_id))
         raise
     response.headers["Location"] = f"/v1/ensembles/{ensemble_id}"
     return ensemble_out(record)
@@ -280,14 +269,14 @@ async def delete_ensemble(
     ensemble: EnsembleDep,
     owner: OwnerDep,
     ensembles: EnsembleStoreDep,
-    settings: SettingsDep,
+    storage: StorageDep,
     predictors: PredictorsDep,
 ) -> Response:
     if not await ensembles.delete(ensemble.id, owner):
         raise NotFound(f"ensemble {ensemble.id} not found")
-    folder = settings.ensemble_dir(ensemble.id)
-    predictors.evict(folder / "model")
-    await anyio.to_thread.run_sync(shutil.rmtree, folder, True)
+    key = ensemble_key(ensemble.id)
+    predictors.evict(storage.staged_path(f"{key}/model"))
+    await anyio.to_thread.run_sync(storage.delete, key)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -297,12 +286,11 @@ async def delete_ensemble(
     summary="The ensemble as a .tar.gz",
     responses={**error_responses(404), 200: {"content": {"application/gzip": {}}}},
 )
-async def download_ensemble(ensemble: EnsembleDep, settings: SettingsDep) -> FileResponse:
+async def download_ensemble(ensemble: EnsembleDep, storage: StorageDep) -> Response:
     """A `model/` folder: `mtl.json` (`"kind": "ensemble"`, the members and their weights, the
     tasks) and each member's exported model under `members/<i>/`; `mtl predict model ...` and
     `mtl.predict.Predictor.load` use it as one model."""
-    path = await model_archive(_model_folder(ensemble, settings), settings)
-    return FileResponse(path, media_type="application/gzip", filename=f"{ensemble.id}-model.tar.gz")
+    return await model_download(ensemble_key(ensemble.id), storage, f"{ensemble.id}-model.tar.gz")
 
 
 @router.post(
@@ -319,14 +307,16 @@ async def predict_ensemble(
     body: PredictIn,
     ensemble: EnsembleDep,
     settings: SettingsDep,
+    storage: StorageDep,
     predictors: PredictorsDep,
 ) -> PredictOut:
     """The body, limits and answer of `POST /v1/jobs/{id}/predict` (`job_id` is the ensemble's
     id); every member's model runs, in the API process."""
     predictions = await predict_texts(
-        _model_folder(ensemble, settings),
+        ensemble_key(ensemble.id),
         body.texts,
         settings,
+        storage,
         predictors,
         request.app.state.predict_limiter,
     )

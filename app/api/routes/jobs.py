@@ -8,13 +8,16 @@ import json
 import logging
 import re
 import shutil
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 
 from app.api.deps import (
     CeleryDep,
@@ -23,6 +26,7 @@ from app.api.deps import (
     OwnerDep,
     PredictorsDep,
     SettingsDep,
+    StorageDep,
     ValidJobDep,
 )
 from app.api.schemas import (
@@ -43,10 +47,11 @@ from app.api.schemas import (
 from app.api.validation import job_body_openapi
 from app.core.errors import Conflict, NotFound, TooManyJobs
 from app.core.events import HubRegistry, server_sent_events
-from app.core.models import archive_dir, model_archive, predict_texts
+from app.core.models import delete_job_files, model_download, predict_texts
 from service.async_store import CancelOutcome, CreateOutcome, DeleteOutcome, NewJob
 from service.queue import enqueue
 from service.records import Event, EventType, JobRecord, JobState
+from service.storage import Storage, archive_dir, job_key
 
 __all__ = ["router"]
 
@@ -262,16 +267,38 @@ async def get_config(job: JobDep, jobs: JobStoreDep) -> dict[str, Any]:
         409: {"model": ConflictOut, "description": "not yet"},
     },
 )
-async def download_tensorboard(job: JobDep, settings: SettingsDep) -> FileResponse:
-    """Open with `tar xzf ...; tensorboard --logdir tensorboard`."""
-    log_dir = settings.job_dir(job.id) / "tensorboard"
-    if not log_dir.is_dir():
+async def download_tensorboard(job: JobDep, storage: StorageDep) -> FileResponse:
+    """Open with `tar xzf ...; tensorboard --logdir tensorboard`. (With a remote store: the
+    files uploaded so far, at each checkpoint and at the end.)"""
+    path = await anyio.to_thread.run_sync(_tensorboard_archive, storage, job.id)
+    if path is None:
         raise Conflict(f"job {job.id} has no TensorBoard files yet", job.state)
-    target = settings.job_dir(job.id) / "tensorboard.tar.gz"
-    path = await anyio.to_thread.run_sync(archive_dir, log_dir, target, "tensorboard")
+    cleanup = None if storage.in_place else BackgroundTask(shutil.rmtree, path.parent, True)
     return FileResponse(
-        path, media_type="application/gzip", filename=f"{job.id}-tensorboard.tar.gz"
+        path,
+        media_type="application/gzip",
+        filename=f"{job.id}-tensorboard.tar.gz",
+        background=cleanup,
     )
+
+
+def _tensorboard_archive(storage: Storage, job_id: str) -> Path | None:
+    key = f"{job_key(job_id)}/tensorboard"
+    if storage.in_place:
+        log_dir = storage.local(key)
+        if not log_dir.is_dir():
+            return None
+        return archive_dir(log_dir, log_dir.with_name("tensorboard.tar.gz"), "tensorboard")
+    folder = storage.cache_dir / "downloads" / uuid.uuid4().hex
+    try:
+        log_dir = storage.fetch_tree(key, folder / "tensorboard")
+        if not any(log_dir.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return archive_dir(log_dir, folder / "tensorboard.tar.gz", "tensorboard")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 @router.get(
@@ -384,7 +411,7 @@ async def delete_job(
     job: JobDep,
     owner: OwnerDep,
     jobs: JobStoreDep,
-    settings: SettingsDep,
+    storage: StorageDep,
     predictors: PredictorsDep,
 ) -> Response:
     deleted = await jobs.delete(job.id, owner)
@@ -392,9 +419,7 @@ async def delete_job(
         raise NotFound(f"job {job.id} not found")
     if deleted.outcome is DeleteOutcome.NOT_FINISHED:
         raise Conflict(f"job {job.id} is {deleted.state}: cancel it first", deleted.state)
-    job_dir = settings.job_dir(job.id)
-    predictors.evict(job_dir / "model")
-    await anyio.to_thread.run_sync(lambda: shutil.rmtree(job_dir, ignore_errors=True))
+    await delete_job_files(job, storage, predictors)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -408,11 +433,10 @@ async def delete_job(
         409: {"model": ConflictOut, "description": "not yet"},
     },
 )
-async def download_model(job: JobDep, settings: SettingsDep) -> FileResponse:
+async def download_model(job: JobDep, storage: StorageDep) -> Response:
     """A `model/` folder: the encoder (`transformers.AutoModel.from_pretrained`), tokenizer,
     `heads.safetensors` and `mtl.json` (tasks, labels, pooling)."""
-    path = await model_archive(job, settings)
-    return FileResponse(path, media_type="application/gzip", filename=f"{job.id}-model.tar.gz")
+    return await model_download(job, storage, f"{job.id}-model.tar.gz")
 
 
 @router.post(
@@ -429,10 +453,11 @@ async def predict(
     body: PredictIn,
     job: JobDep,
     settings: SettingsDep,
+    storage: StorageDep,
     predictors: PredictorsDep,
 ) -> PredictOut:
     """Runs in the API process (threads), so it never waits behind training jobs."""
     predictions = await predict_texts(
-        job, body.texts, settings, predictors, request.app.state.predict_limiter
+        job, body.texts, settings, storage, predictors, request.app.state.predict_limiter
     )
     return PredictOut(job_id=job.id, predictions=predictions)

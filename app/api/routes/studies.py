@@ -7,17 +7,22 @@ A study runs on the workers (`worker.studies`): the API stores the request, answ
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from app.api.deps import DatasetStoreDep, JobStoreDep, OwnerDep, PredictorsDep, SettingsDep
+from app.api.deps import (
+    DatasetStoreDep,
+    JobStoreDep,
+    OwnerDep,
+    PredictorsDep,
+    SettingsDep,
+    StorageDep,
+)
 from app.api.schemas import (
     MAX_OFFSET,
     ConflictOut,
@@ -39,7 +44,7 @@ from app.api.validation import (
 )
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.events import HubRegistry, server_sent_events
-from app.core.models import model_archive, predict_texts
+from app.core.models import delete_job_files, model_download, predict_texts
 from mtl.config import TrainConfig
 from service.async_store import DeleteOutcome
 from service.configs import parse_strict
@@ -335,18 +340,17 @@ async def delete_study(
     owner: OwnerDep,
     studies: StudiesDep,
     jobs: JobStoreDep,
-    settings: SettingsDep,
+    storage: StorageDep,
     predictors: PredictorsDep,
 ) -> Response:
     if study.state not in STUDY_TERMINAL:
         raise Conflict(f"study {study.id} is {study.state}: cancel it first", study.state)
     for trial in await studies.trials(study.id):
         for job_id in trial.jobs:
+            record = await jobs.get(job_id, owner)
             deleted = await jobs.delete(job_id, owner)
-            if deleted.outcome is DeleteOutcome.DELETED:
-                job_dir = settings.job_dir(job_id)
-                predictors.evict(job_dir / "model")
-                await anyio.to_thread.run_sync(shutil.rmtree, job_dir, True)
+            if deleted.outcome is DeleteOutcome.DELETED and record is not None:
+                await delete_job_files(record, storage, predictors)
     await studies.delete(study.id, owner)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -361,12 +365,9 @@ async def delete_study(
         409: {"model": ConflictOut, "description": "no completed trial yet"},
     },
 )
-async def download_study_model(
-    study: StudyDep, jobs: JobStoreDep, settings: SettingsDep
-) -> FileResponse:
+async def download_study_model(study: StudyDep, jobs: JobStoreDep, storage: StorageDep) -> Response:
     job = await _model_job(study, jobs)
-    path = await model_archive(job, settings)
-    return FileResponse(path, media_type="application/gzip", filename=f"{study.id}-model.tar.gz")
+    return await model_download(job, storage, f"{study.id}-model.tar.gz")
 
 
 @router.post(
@@ -384,10 +385,11 @@ async def predict_study(
     study: StudyDep,
     jobs: JobStoreDep,
     settings: SettingsDep,
+    storage: StorageDep,
     predictors: PredictorsDep,
 ) -> PredictOut:
     job = await _model_job(study, jobs)
     predictions = await predict_texts(
-        job, body.texts, settings, predictors, request.app.state.predict_limiter
+        job, body.texts, settings, storage, predictors, request.app.state.predict_limiter
     )
     return PredictOut(job_id=job.id, predictions=predictions)
