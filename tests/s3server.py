@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,10 +41,17 @@ def weed_binary() -> str | None:
 class SeaweedS3:
     """One `weed server` with an S3 gateway on `ip` (free ports), data under `directory`."""
 
-    def __init__(self, directory: Path, ip: str = "127.0.0.1", netns: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ip: str = "127.0.0.1",
+        wrap: Callable[[list[str]], list[str]] | None = None,
+    ) -> None:
+        """`wrap` turns the command into one that runs elsewhere (`tests.hosts.Host.command`);
+        the server must be reachable from here at `ip`."""
         self.directory = Path(directory)
         self.ip = ip
-        self.netns = netns
+        self.wrap = wrap
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -84,8 +92,8 @@ class SeaweedS3:
             f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=50",
             "-master.telemetry=false",
         ]  # fmt: skip
-        if self.netns:
-            command = ["ip", "netns", "exec", self.netns, *command]
+        if self.wrap is not None:
+            command = self.wrap(command)
         with open(self.directory / "weed.log", "ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -102,13 +110,6 @@ class SeaweedS3:
         raise RuntimeError(f"weed did not answer on {self.endpoint}: {self.log_tail()}")
 
     def _get(self, path: str) -> httpx.Response:
-        if self.netns:  # reach it from inside its namespace
-            out = subprocess.run(
-                ["ip", "netns", "exec", self.netns, "curl", "-s", "-o", "/dev/null", "-w",
-                 "%{http_code}", f"{self.endpoint}{path}"],
-                capture_output=True, text=True, timeout=5,
-            )  # fmt: skip
-            return httpx.Response(int(out.stdout or 0))
         return httpx.get(f"{self.endpoint}{path}", timeout=2)
 
     def log_tail(self, n: int = 3000) -> str:
