@@ -42,7 +42,12 @@ def test_schema_valid(compose: dict[str, Any]) -> None:
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
 def test_docker_compose_config(tmp_path: Path) -> None:
-    env = {**os.environ, "REDIS_PASSWORD": "secret-for-config-check"}
+    env = {
+        **os.environ,
+        "REDIS_PASSWORD": "secret-for-config-check",
+        "S3_ACCESS_KEY": "store-user",
+        "S3_SECRET_KEY": "store-secret-for-check",
+    }
     for profile in ("gpu", "cpu"):
         result = subprocess.run(
             ["docker-compose", "-f", str(COMPOSE), "--profile", profile, "config"],
@@ -97,19 +102,49 @@ def test_gpu_worker_and_cpu_way(compose: dict[str, Any]) -> None:
         assert "--prefetch-multiplier 1" in command
 
 
-def test_shared_volume(compose: dict[str, Any]) -> None:
+MTL_SERVICES = ("api", "worker", "worker-cpu")
+
+
+def test_artifacts_in_the_bucket_nothing_shared_on_disk(compose: dict[str, Any]) -> None:
+    """API and workers share only Redis and the bucket: no volume is mounted by two of them
+    (each keeps its own anonymous /data cache), so `--scale worker=N` and workers on other
+    hosts need nothing else."""
     services = compose["services"]
-    mounts = {
-        name: {v.split(":")[0] for v in s.get("volumes", [])}
-        for name, s in services.items()
-        if name != "redis"
-    }
-    shared = set.intersection(*mounts.values())
-    assert shared & set(compose["volumes"]), mounts
-    for s in services.values():
-        if s is not services["redis"]:
-            assert s["environment"]["MTL_DATA_DIR"] == "/data"
-            assert "@redis:6379" in s["environment"]["MTL_REDIS_URL"]
+    for name in MTL_SERVICES:
+        s = services[name]
+        env = s["environment"]
+        assert env["MTL_DATA_DIR"] == "/data"
+        assert "@redis:6379" in env["MTL_REDIS_URL"]
+        assert env["MTL_STORAGE_URL"].startswith("s3://mtl/")
+        assert env["MTL_S3_ENDPOINT_URL"] == "http://store:9000"
+        assert env["MTL_S3_ACCESS_KEY_ID"].startswith("${S3_ACCESS_KEY:?")
+        assert env["MTL_S3_SECRET_ACCESS_KEY"].startswith("${S3_SECRET_KEY:?")
+        assert "volumes" not in s, f"{name} mounts {s.get('volumes')}"
+        assert "container_name" not in s  # scalable
+        assert s["depends_on"]["store-init"]["condition"] == "service_completed_successfully"
+        assert s["depends_on"]["redis"]["condition"] == "service_healthy"
+    mounted = [v.split(":")[0] for s in services.values() for v in s.get("volumes", []) if ":" in v]
+    assert len(mounted) == len(set(mounted)), mounted
+    assert set(compose["volumes"]) == {"redis-data", "store-data"}
+
+
+def test_the_store_is_private_and_its_bucket_made_on_start(compose: dict[str, Any]) -> None:
+    store = compose["services"]["store"]
+    assert store["image"].startswith("minio/minio:RELEASE.")  # pinned, not :latest
+    assert "ports" not in store and "expose" not in store
+    assert store["environment"]["MINIO_ROOT_USER"].startswith("${S3_ACCESS_KEY:?")
+    assert store["environment"]["MINIO_ROOT_PASSWORD"].startswith("${S3_SECRET_KEY:?")
+    assert store["healthcheck"]["test"]
+    assert "store-data:/data" in store["volumes"]
+    init = compose["services"]["store-init"]
+    assert init["depends_on"]["store"]["condition"] == "service_healthy"
+    script = " ".join(init["command"])
+    assert "mc mb --ignore-existing store/mtl" in script
+    # the bucket name agrees with the service's URL
+    bucket = compose["services"]["api"]["environment"]["MTL_STORAGE_URL"].split("/")[2]
+    assert f"store/{bucket}" in script
+    # compose interpolation: `$$` reaches the shell as `$`, credentials come from its env
+    assert "$$S3_ACCESS_KEY" in script and init["environment"]["S3_ACCESS_KEY"]
 
 
 def test_dockerfile_multistage_nonroot_cuda() -> None:
