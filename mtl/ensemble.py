@@ -11,6 +11,11 @@ ensemble/
 `Predictor.load` on such a folder returns an `EnsemblePredictor`, whose `predict` has the same
 output as `Predictor.predict`. Members must have the same task names and, per task, the same
 label names in the same order; an ensemble is never a member of another one.
+
+ONNX: each member folder keeps its own ONNX export (`mtl.onnx`; `mtl export ENSEMBLE --onnx`
+adds one to every member), and `mtl.ort_predict.load_predictor` runs the ensemble on ONNX
+Runtime when every member has one (`EnsemblePredictor.load(..., load_member=...)`), on PyTorch
+otherwise. This module imports torch only when a member is loaded with `Predictor`.
 """
 
 from __future__ import annotations
@@ -20,18 +25,18 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mtl.errors import ModelError
-from mtl.export import MTL_FILE
-from mtl.predict import Predictor
+from mtl.layout import MTL_FILE
 
 __all__ = [
     "ENSEMBLE_KIND",
     "EnsemblePredictor",
     "MemberError",
+    "MemberPredictor",
     "differences",
     "export_ensemble",
     "task_labels",
@@ -40,6 +45,15 @@ __all__ = [
 ENSEMBLE_KIND = "ensemble"
 FORMAT_VERSION = 1
 MIN_MEMBERS = 2
+
+
+class MemberPredictor(Protocol):
+    """What an ensemble needs of a member: `mtl.predict.Predictor` or
+    `mtl.ort_predict.OrtPredictor`."""
+
+    labels: dict[str, list[str]]
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]: ...
 
 
 class MemberError(ModelError):
@@ -173,9 +187,9 @@ class EnsemblePredictor:
     probability the weighted mean of the members' (the label: the most probable one)."""
 
     def __init__(
-        self, members: list[Predictor], weights: list[float], meta: dict[str, Any]
+        self, members: Sequence[MemberPredictor], weights: list[float], meta: dict[str, Any]
     ) -> None:
-        self.members = members
+        self.members = list(members)
         total = float(sum(weights))
         self.weights = [w / total for w in weights]
         self.meta = meta
@@ -183,7 +197,13 @@ class EnsemblePredictor:
         self.max_length = int(meta["max_length"])
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu") -> EnsemblePredictor:
+    def load(
+        cls,
+        model_dir: str | Path,
+        device: str = "cpu",
+        load_member: Callable[[Path], MemberPredictor] | None = None,
+    ) -> EnsemblePredictor:
+        """`load_member(folder)` loads each member (default: `Predictor.load` on `device`)."""
         model_dir = Path(model_dir)
         try:
             meta = _read_meta(model_dir)
@@ -209,8 +229,7 @@ class EnsemblePredictor:
                 raise MemberError(i, folder, f"not an exported mtl model ({exc})") from None
             if kind == ENSEMBLE_KIND:
                 raise MemberError(i, folder, "it is an ensemble itself (ensembles do not nest)")
-            predictor = Predictor.load(folder, device=device)
-            assert isinstance(predictor, Predictor)
+            predictor = (load_member or _torch_loader(device))(folder)
             why = differences(expected, predictor.labels)
             if why is not None:
                 raise ModelError(
@@ -243,3 +262,14 @@ class EnsemblePredictor:
                 }
             results.append(row)
         return results
+
+
+def _torch_loader(device: str) -> Callable[[Path], MemberPredictor]:
+    def load(folder: Path) -> MemberPredictor:
+        from mtl.predict import Predictor
+
+        predictor = Predictor.load(folder, device=device)
+        assert isinstance(predictor, Predictor)
+        return predictor
+
+    return load

@@ -4,12 +4,20 @@ MTLError
 ├── ConfigError      a config that cannot be used (names the file and field)
 ├── DataError        data that does not fit the config (names the file, row and column)
 ├── ModelError       a model that cannot be loaded or built (bad path, refused id)
+│   └── TorchRequired  a model only PyTorch can run, where torch is not installed
 └── TrainingError    a run that cannot go on (non-finite loss, no usable batches)
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "MTLError", "ModelError", "TrainingError"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "MTLError",
+    "ModelError",
+    "TorchRequired",
+    "TrainingError",
+]
 
 
 class MTLError(Exception):
@@ -47,6 +55,16 @@ class DataError(MTLError):
 
 class ModelError(MTLError):
     """A model that cannot be loaded or built."""
+
+
+class TorchRequired(ModelError):
+    """A model that only PyTorch can run (it, or a member of the ensemble, has no ONNX export),
+    in an install without torch (e.g. the lean API, `mtl-jobs[api]`). `reason` says what is
+    missing without naming paths (a service words it for its clients)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class TrainingError(MTLError):

@@ -10,7 +10,14 @@ model/
     mtl.json                          tasks (label names, head configs, dependencies, in
                                       config order; `task_order`: the order heads run in),
                                       pooling, metrics; `sentence_transformers`: whether the
-                                      layout below is there
+                                      layout below is there; `onnx` (only with an ONNX export):
+                                      {"file", "int8" (file or null), "opset", "inputs",
+                                      "outputs"}
+    onnx/model.onnx                   with `onnx.export` (default) or `mtl export DIR --onnx`:
+                                      encoder, pooling and every head in one graph; inputs
+                                      input_ids, attention_mask; outputs each task's logits
+                                      (named by the task) and `embedding` (see `mtl.onnx`)
+    onnx/model.int8.onnx              the same with int8 weights, only with `onnx.int8`
     modules.json                      the sentence-transformers layout, only when there is a
     sentence_bert_config.json         tokenizer: `SentenceTransformer(model_dir)` loads the
     1_Pooling/config.json             encoder with our pooling (2_Normalize/, empty, with
@@ -21,6 +28,7 @@ model/
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -30,11 +38,15 @@ from safetensors.torch import save_file
 
 from mtl.config import TrainConfig
 from mtl.errors import ModelError
+from mtl.layout import MTL_FILE, ONNX_DIR, ONNX_KEY
 from mtl.model import MultiTaskModel, load_tokenizer, resolve_model_path
 
 __all__ = ["MTL_FILE", "export_model"]
 
-MTL_FILE = "mtl.json"
+logger = logging.getLogger(__name__)
+
+#: 1 still: later additions (`task_order`, `sentence_transformers`, `onnx`) are optional keys
+#: that readers treat as absent in older folders
 FORMAT_VERSION = 1
 
 # sentence-transformers' classic module names and config keys (those of every release since 2.0,
@@ -78,6 +90,30 @@ def _write_sentence_transformers_layout(directory: Path, config: TrainConfig, hi
     (directory / "1_Pooling" / "config.json").write_text(
         json.dumps(pooling, indent=2), encoding="utf-8"
     )
+
+
+def _write_onnx(
+    directory: Path, model: MultiTaskModel, config: TrainConfig, final: Path
+) -> dict[str, Any] | None:
+    """The ONNX export (`onnx.export`) into `directory` (the model's temp folder, renamed to
+    `final` later), or None: an export that cannot be made (no `onnx` package, an encoder the
+    exporter cannot trace) must not cost the trained model, which still predicts with PyTorch;
+    a warning says why."""
+    if not config.onnx.export:
+        return None
+    try:
+        from mtl.onnx import export_onnx
+
+        return export_onnx(model, directory, int8=config.onnx.int8)
+    except Exception as exc:  # an optional artefact: never fail the export for it
+        shutil.rmtree(directory / ONNX_DIR, ignore_errors=True)
+        logger.warning(
+            "the model is exported without its ONNX graph (it predicts with PyTorch; "
+            "`mtl export %s --onnx` retries): %s",
+            final,
+            exc,
+        )
+        return None
 
 
 def export_model(
@@ -128,6 +164,7 @@ def export_model(
             {k: v.detach().cpu().contiguous() for k, v in head_state(mlm_head).items()},
             str(tmp / "mlm_head.safetensors"),
         )
+    onnx = _write_onnx(tmp, model, config, directory)
     meta = {
         "format_version": FORMAT_VERSION,
         "pooling": config.encoder.pooling,
@@ -146,6 +183,7 @@ def export_model(
             }
             for t in config.tasks
         ],
+        **({ONNX_KEY: onnx} if onnx is not None else {}),
         **(extra or {}),
     }
     (tmp / MTL_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")

@@ -2,7 +2,8 @@
 
 `TrainData.epoch_plan(epoch)` is a sequence of batches that is the same for the same
 (seed, epoch), so a resumed run skips exactly the batches it already trained on. Batches are
-padded lazily, when the loop asks for them.
+padded lazily, when the loop asks for them. On several devices the plan holds the global
+batches (`batch_size * devices` rows) and each rank trains on `plan.shard(i, rank, world)`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from mtl.data import (
     schedule_sources,
 )
 from mtl.datafiles import IGNORE_INDEX, check_data
+from mtl.distributed import shard
 from mtl.errors import DataError
 
-__all__ = ["Batch", "TrainData", "build_train_data"]
+__all__ = ["Batch", "Shard", "TrainData", "build_train_data"]
 
 
 @dataclass
@@ -37,6 +39,17 @@ class Batch:
     labels: dict[str, Tensor]  # task -> [B] long, IGNORE_INDEX where missing
     present: list[str]  # tasks with at least one label in this batch
     counts: dict[str, int]  # labelled rows per present task
+
+
+@dataclass
+class Shard:
+    """One rank's share of a global batch (several devices, see `mtl.distributed`)."""
+
+    batch: Batch  # this rank's rows; one row with no labels when it has none
+    labels: dict[str, Tensor]  # task -> [rows] the whole global batch's labels
+    present: list[str]  # tasks with at least one label in the global batch
+    rows: int  # rows of the global batch
+    local_rows: int  # this rank's real rows (0: `batch` is the unlabelled stand-in)
 
 
 class _Examples(Protocol):
@@ -77,6 +90,23 @@ class _Plan(Sequence[Batch]):
         source, indices = self.items[index]
         return _make_batch(self.sources[source], indices, self.pad_id)
 
+    def shard(self, index: int, rank: int, world: int) -> Shard:
+        """Rank `rank`'s contiguous share of global batch `index` (`mtl.distributed.shard`),
+        with the global batch's labels (which scale the rank's losses to the global ones)."""
+        source, indices = self.items[index]
+        examples = self.sources[source]
+        part = shard(indices, rank, world)
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        labels = {t: y[idx] for t, y in examples.labels.items()}
+        present = [t for t, y in labels.items() if bool((y != IGNORE_INDEX).any())]
+        if part:
+            batch = _make_batch(examples, part, self.pad_id)
+        else:  # fewer rows than ranks: one stand-in row that no task learns from
+            batch = _make_batch(examples, indices[-1:], self.pad_id)
+            batch.labels = {t: torch.full_like(y, IGNORE_INDEX) for t, y in batch.labels.items()}
+            batch.present, batch.counts = [], {}
+        return Shard(batch, labels, present, len(indices), len(part))
+
 
 class TrainData:
     def __init__(
@@ -97,7 +127,7 @@ class TrainData:
         self.samplers = [
             LengthGroupedBatchSampler(
                 s.lengths,
-                config.batch_size,
+                config.batch_size * config.devices,  # the global batch (see `_Plan.shard`)
                 seed=config.seed + i,  # decorrelate sources of the same size
                 shuffle=True,
                 group_by_length=config.length_grouping,
@@ -137,7 +167,7 @@ class TrainData:
         sources = self.evals.get(split)
         if not sources:
             return None
-        size = self.config.eval_batch_size or 2 * self.config.batch_size
+        size = self.config.eval_batch_size or 2 * self.config.batch_size * self.config.devices
         items = []
         for i, s in enumerate(sources):
             sampler = LengthGroupedBatchSampler(s.lengths, size, seed=0, shuffle=False)

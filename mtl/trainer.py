@@ -15,6 +15,10 @@ One optimizer step::
                    with gradient.combine([w_t g_t]) (PCGrad/MGDA at representation level),
                    also used by GradNorm and by the sampled gradient-conflict cosine
       parameters   dL_t/d theta_encoder for every task (one encoder backward per task)
+
+On several devices (`devices > 1`, under torchrun) each rank trains on its share of every
+global batch (`_backward_shard`, see `mtl.distributed`); rank 0 alone reports, evaluates,
+checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from mtl import distributed
 from mtl.callbacks import Callback, CallbackList, Outcome, TrainControl, TrainState
 from mtl.checkpoint import Checkpointer, rng_state, set_rng_state
 from mtl.config import TrainConfig
@@ -43,7 +49,7 @@ from mtl.export import export_model
 from mtl.metrics import RunningStats, classification_report, mean_over_tasks
 from mtl.mlm import MLMBatches, build_mlm_head, head_state, load_head_state, mlm_loss
 from mtl.model import MultiTaskModel, build_model, default_device, resolve_model_path
-from mtl.pipeline import Batch, TrainData, build_train_data
+from mtl.pipeline import Batch, Shard, TrainData, build_train_data
 from mtl.strategies import GradientStrategy, WeightingStrategy, build_gradient, build_weighting
 from mtl.summary import summarise
 
@@ -93,6 +99,23 @@ def _lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+class _EncoderAndHeads(nn.Module):
+    """The encoder and every head in one forward, which is what DistributedDataParallel wraps
+    (it hooks into `forward`); R-Drop's second head pass with `twice`."""
+
+    def __init__(self, model: MultiTaskModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, twice: bool
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None]:
+        pooled = self.model.encoder(input_ids, attention_mask)
+        logits = self.model.forward_heads(pooled)
+        second = self.model.forward_heads(pooled) if twice else None
+        return pooled, logits, second
+
+
 class Trainer:
     def __init__(
         self,
@@ -104,12 +127,16 @@ class Trainer:
     ) -> None:
         self.config = config
         self.output_dir = Path(output_dir)
-        self.callbacks = CallbackList(list(callbacks))
+        # several devices: this process is one rank (None in a single process)
+        self.dist = distributed.setup(config.devices, config.device)
+        main = self.dist is None or self.dist.is_main
+        # the callbacks report, so only rank 0 runs them; stop requests reach every rank
+        self.callbacks = CallbackList(list(callbacks) if main else [])
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints")
         self.task_names = config.task_names
 
         self._seed_everything(config.seed)
-        self.device = default_device(config.device)
+        self.device = self.dist.device if self.dist is not None else default_device(config.device)
         use_bf16 = config.precision == "bf16" or (
             config.precision == "auto" and self.device.type == "cuda"
         )
@@ -160,6 +187,14 @@ class Trainer:
         elif averaging.kind == "swa":
             self.average = AveragedModel(self.model)
         self.swa_first_step = math.ceil(averaging.swa_start * self.total_steps)
+        self.ddp: DistributedDataParallel | None = None
+        if self.dist is not None:
+            # a head may get no loss in a step when labels can be missing (file data)
+            self.ddp = distributed.wrap(
+                _EncoderAndHeads(self.model),
+                self.dist,
+                find_unused_parameters=config.data.kind == "files",
+            )
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -193,6 +228,7 @@ class Trainer:
 
     def _loss_functions(self) -> dict[str, Callable[..., Tensor]]:
         fns: dict[str, Callable[..., Tensor]] = {}
+        self.class_weights: dict[str, Tensor | None] = {}
         for task in self.config.tasks:
             weight = None
             if task.class_weights == "balanced":
@@ -202,6 +238,7 @@ class Trainer:
                 weight = torch.where(counts > 0, weight, torch.zeros_like(weight)).float()
             elif isinstance(task.class_weights, list):
                 weight = torch.tensor(task.class_weights, dtype=torch.float32)
+            self.class_weights[task.name] = weight
 
             def fn(
                 logits: Tensor,
@@ -284,7 +321,8 @@ class Trainer:
         model_dir = None
         try:
             outcome = self._loop(state, control, max_batches)
-            if outcome is Outcome.COMPLETED and max_batches is None:  # a dry run exports nothing
+            main = self.dist is None or self.dist.is_main  # rank 0 alone exports
+            if outcome is Outcome.COMPLETED and max_batches is None and main:
                 if self._may_save(state, control):
                     metrics, model_dir = self._finish(state, control)
                 else:
@@ -295,6 +333,7 @@ class Trainer:
             raise
         finally:
             self.callbacks.on_train_end(state, outcome, control)
+            distributed.teardown(self.dist)
         return TrainResult(outcome=outcome, state=state, metrics=metrics, model_dir=model_dir)
 
     def _loop(self, state: TrainState, control: TrainControl, max_batches: int | None) -> Outcome:
@@ -305,9 +344,12 @@ class Trainer:
         self.model.train()
         while state.step < self.total_steps:
             plan = self.data.epoch_plan(state.epoch)
-            group: list[Batch] = []
+            group: list[Batch | Shard] = []
             for index in range(state.batch_in_epoch, len(plan)):
-                group.append(plan[index])
+                if self.dist is None:
+                    group.append(plan[index])
+                else:
+                    group.append(plan.shard(index, self.dist.rank, self.dist.world))
                 last_of_epoch = index == len(plan) - 1
                 if len(group) < accum and not last_of_epoch:
                     continue
@@ -327,6 +369,7 @@ class Trainer:
                     self._checkpoint(state, control, is_best=False)
                 control.should_checkpoint = False
                 self.callbacks.on_step_end(state, control)
+                self._sync_stop(control)
                 if control.should_stop and control.should_checkpoint:
                     self._checkpoint(state, control, is_best=False)  # e.g. save, then cancel
                     control.should_checkpoint = False
@@ -343,13 +386,21 @@ class Trainer:
                 state.batch_in_epoch = 0
                 if not cfg.eval_every:
                     self._evaluate_and_checkpoint(state, control)
+                    self._sync_stop(control)
                 if control.should_stop:  # early stopping decided at this evaluation
                     return self._stop_outcome(state, control)
         if state.batch_in_epoch != 0 and not cfg.eval_every:
             self._evaluate_and_checkpoint(state, control)  # max_steps ended mid-epoch
+            self._sync_stop(control)
             if control.should_stop:
                 return self._stop_outcome(state, control)
         return Outcome.COMPLETED
+
+    def _sync_stop(self, control: TrainControl) -> None:
+        """Several devices: a stop requested on any rank (rank 0's callbacks, early stopping,
+        a signal) stops every rank here, at the same step."""
+        if self.dist is not None:
+            distributed.sync_stop(control, self.device)
 
     @staticmethod
     def _stop_outcome(state: TrainState, control: TrainControl) -> Outcome:
@@ -359,7 +410,7 @@ class Trainer:
         early = (control.stop_reason or "").startswith("early stopping")
         return Outcome.COMPLETED if early else Outcome.STOPPED
 
-    def _optimizer_step(self, group: list[Batch], state: TrainState) -> None:
+    def _optimizer_step(self, group: list[Batch | Shard], state: TrainState) -> None:
         cfg = self.config
         sample_cosine = (
             cfg.grad_conflict_every > 0 and (state.step + 1) % cfg.grad_conflict_every == 0
@@ -367,8 +418,14 @@ class Trainer:
         all_finite = True
         # MLM batch i is the same on every run: its index follows the optimizer step
         self._mlm_index = state.step * cfg.grad_accum_steps
-        for batch in group:
-            finite = self._backward(batch, len(group), sample_cosine)
+        if self.dist is not None:
+            distributed.reseed(cfg.seed, self.dist.rank, state.step)
+        for i, batch in enumerate(group):
+            if isinstance(batch, Shard):
+                last = i == len(group) - 1  # gradients are all-reduced with the last only
+                finite = self._backward_shard(batch, len(group), sample_cosine, sync=last)
+            else:
+                finite = self._backward(batch, len(group), sample_cosine)
             all_finite = all_finite and finite
         if not all_finite:
             self.optimizer.zero_grad(set_to_none=True)
@@ -381,6 +438,8 @@ class Trainer:
                 )
             return
         state.skipped_steps = 0
+        if self.dist is not None:
+            distributed.average_grads(self.weighting.extra_parameters())
         for params, max_norm in self.head_clips:
             torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if cfg.grad_clip is not None:
@@ -475,12 +534,95 @@ class Trainer:
             stacked = torch.stack(
                 [weights[t].detach() * task_grads[t].flatten() for t in present]
             ).float()
-            rep_grad = self.gradient.combine(stacked).view_as(pooled).to(pooled.dtype)
+            rep_grad = self.gradient.combine(stacked).view_as(pooled).to(pooled.dtype) / accum
         else:
-            rep_grad = detached.grad
+            rep_grad = detached.grad  # of `total / accum`: already divided
         if pooled.requires_grad:
-            pooled.backward(rep_grad / accum)
+            pooled.backward(rep_grad)
         return True
+
+    def _backward_shard(self, shard: Shard, accum: int, sample_cosine: bool, *, sync: bool) -> bool:
+        """Several devices: forward and backward this rank's share of one global batch.
+
+        Each task's loss is this rank's summed loss over the global batch's denominator (its
+        labelled rows, or their class weights), times the number of ranks: the gradients
+        DistributedDataParallel averages (with the last micro-batch of a step, `sync`) are
+        then those of the whole global batch for the weightings allowed here (linear in the
+        task losses). One all-gather brings every rank's losses and predictions: the global
+        finite check, the reported statistics and DWA's observed losses are the global ones.
+        False when the global loss is not finite (every rank then skips the micro-batch)."""
+        assert self.dist is not None and self.ddp is not None
+        world = self.dist.world
+        batch = shard.batch
+        ids = batch.input_ids.to(self.device, non_blocking=True)
+        mask = batch.attention_mask.to(self.device, non_blocking=True)
+        labels = {t: y.to(self.device, non_blocking=True) for t, y in batch.labels.items()}
+        present = shard.present
+        rdrop = self.config.rdrop.alpha
+        with nullcontext() if sync else self.ddp.no_sync():
+            with self.autocast:
+                pooled, logits, second = self.ddp(ids, mask, rdrop > 0)
+            losses: dict[str, Tensor] = {}
+            for t in present:
+                scale = world / self._denominator(t, shard.labels[t])
+                ce = self._ce_sum(t, logits[t], labels[t])
+                if second is None:
+                    losses[t] = ce * scale
+                    continue
+                ce = 0.5 * (ce + self._ce_sum(t, second[t], labels[t]))
+                kl_scale = rdrop / 4 * world * shard.local_rows / shard.rows
+                losses[t] = ce * scale + kl_scale * _symmetric_kl(logits[t], second[t])
+            total, _ = self.weighting.combine(losses)
+
+            # [non-finite, total, losses..., then per task: predictions, targets (padded)]
+            width = distributed.shard_width(shard.rows, world)
+            head = [(~torch.isfinite(total.detach())).double(), total.detach().double()]
+            head += [losses[t].detach().double() for t in present]
+            rows: list[Tensor] = []
+            for t in present:
+                pad = width - labels[t].numel()
+                rows.append(F.pad(logits[t].detach().argmax(-1), (0, pad), value=-100))
+                rows.append(F.pad(labels[t], (0, pad), value=-100))
+            vector = torch.cat([torch.stack(head), *[r.double() for r in rows]])
+            gathered = distributed.gather_rows(vector)
+            if float(gathered[:, 0].sum()) > 0:
+                return False
+            means = gathered[:, 1 : 2 + len(present)].sum(dim=0) / world
+            offset = 2 + len(present)
+            for k, t in enumerate(present):
+                at = offset + 2 * k * width
+                preds = gathered[:, at : at + width].reshape(-1).long()
+                target = gathered[:, at + width : at + 2 * width].reshape(-1).long()
+                self.stats.add(self.task_names.index(t), means[1 + k], preds, target)
+            self.stats.add_total(means[0])
+            self.weighting.observe({t: means[1 + k] for k, t in enumerate(present)})
+
+            if sample_cosine:
+                grads = {
+                    t: torch.autograd.grad(losses[t], pooled, retain_graph=True)[0] for t in present
+                }
+                self._pending_cosine = distributed.all_reduce_cosines(grads)
+            (total / accum).backward()
+        return True
+
+    def _ce_sum(self, task: str, logits: Tensor, target: Tensor) -> Tensor:
+        """The task's cross-entropy summed over its labelled rows (what `loss_fns` averages)."""
+        weight = self.class_weights[task]
+        return F.cross_entropy(
+            logits.float(),
+            target,
+            weight=None if weight is None else weight.to(self.device),
+            label_smoothing=self.config.tasks[self.task_names.index(task)].label_smoothing,
+            ignore_index=-100,
+            reduction="sum",
+        )
+
+    def _denominator(self, task: str, labels: Tensor) -> float:
+        """What the task's mean loss on a batch with `labels` divides by: its labelled rows, or
+        the sum of their class weights."""
+        valid = labels[labels != -100]
+        weight = self.class_weights[task]
+        return float(valid.numel()) if weight is None else float(weight[valid].double().sum())
 
     def _mlm_backward(self, accum: int) -> bool:
         """One masked batch through the encoder and the MLM head, `weight * loss` backward
@@ -595,6 +737,8 @@ class Trainer:
         return float(block[name])
 
     def _evaluate_and_checkpoint(self, state: TrainState, control: TrainControl) -> None:
+        if self.dist is not None and not self.dist.is_main:
+            return  # rank 0 evaluates; the others wait at the next stop-flag all-reduce
         metrics = self.evaluate("validation")
         is_best = False
         if metrics is not None:
@@ -633,6 +777,8 @@ class Trainer:
         return control.allow_save
 
     def _checkpoint(self, state: TrainState, control: TrainControl, *, is_best: bool) -> None:
+        if self.dist is not None and not self.dist.is_main:
+            return  # every rank holds the same weights and state: rank 0 writes them
         if not self._may_save(state, control):
             return
         path = self.checkpointer.save(
@@ -672,6 +818,16 @@ class Trainer:
             load_head_state(self.mlm_head, tensors["mlm_head"])
 
     def _restore(self, path: Path) -> TrainState:
+        try:
+            written_on = int(json.loads((path / "config.json").read_text()).get("devices", 1))
+        except (OSError, ValueError, TypeError, AttributeError):
+            written_on = 1
+        if written_on != self.config.devices:
+            raise TrainingError(
+                f"the checkpoint {path.name} was written by a run on {written_on} device(s); "
+                f"resume it with devices: {written_on} (its position in the epoch counts "
+                f"batches of batch_size x devices)"
+            )
         loaded = self.checkpointer.load(
             path, model=self.model, strategy=self.weighting, map_location=self.device
         )

