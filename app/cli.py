@@ -24,8 +24,17 @@ def serve(
     """Run the job service: Redis (embedded unless --redis-url), one worker, and the API.
     One at a time per data directory: a second one exits with status 1, naming the first."""
     from app.serve import serve as run_service  # uvicorn and the app load when it runs
+    from mtl.ort_predict import torch_installed
     from service.embedded import DataDirInUse
 
+    if not torch_installed():  # the lean API install (`mtl-jobs[api]`)
+        typer.echo(
+            "mtl serve: it runs a training worker, which needs torch, and this install has "
+            "none: pip install 'mtl-jobs[service]' (to run only the API, which predicts with "
+            "models' ONNX exports: uvicorn --factory app.main:create_app)",
+            err=True,
+        )
+        raise typer.Exit(1)
     try:
         run_service(host=host, port=port, data_dir=data_dir, redis_url=redis_url)
     except DataDirInUse as exc:

@@ -99,7 +99,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.ensembles = AsyncEnsembleStore(client, keys)
         app.state.celery = make_celery(settings)
         app.state.publisher = ThreadPoolExecutor(1, thread_name_prefix="publish")
-        app.state.predictors = PredictorCache(settings.predictor_cache_size)
+        app.state.predictors = PredictorCache(
+            settings.predictor_cache_size,
+            batch_wait_s=settings.predict_batch_wait_ms / 1000,
+            max_batch=settings.predict_max_batch,
+            on_batch=app.state.metrics.predict_batch.observe,
+        )
         app.state.predict_limiter = anyio.CapacityLimiter(settings.predict_threads)
         settings.private_files()
         # Dataset folders an earlier API left without a record, an hour old: removed (logged).
@@ -111,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.predictors.batcher.aclose()
             await app.state.hubs.close()
             await app.state.study_hubs.close()
             await client.aclose()

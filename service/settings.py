@@ -115,6 +115,20 @@ class Settings(BaseSettings):
     page_size_max: int = Field(default=100, ge=1)
     predictor_cache_size: int = Field(default=2, ge=1, description="loaded models kept in the API")
     predict_threads: int = Field(default=2, ge=1, description="concurrent predict calls")
+    predict_batch_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=1000,
+        description="how long a predict call on an idle model waits for others on the same "
+        "model to run with it as one batch (not after a batch of one call); 0: no wait (calls "
+        "that queue while the model is busy still run together)",
+    )
+    predict_max_batch: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="texts per batched model run (a call with more runs alone); 1: no batching",
+    )
     max_active_jobs_per_key: int = Field(
         default=20,
         ge=0,

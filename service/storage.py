@@ -41,13 +41,16 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 __all__ = [
+    "ARCHIVES",
     "MANIFEST",
     "Storage",
     "StorageError",
     "archive_dir",
     "ensemble_key",
+    "has_onnx",
     "job_key",
     "manifest_of",
+    "write_archives",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,14 +95,20 @@ def manifest_of(folder: Path) -> dict[str, Any]:
     return {"version": 1, "files": files}
 
 
-def archive_dir(folder: Path, target: Path, arcname: str) -> Path:
+def archive_dir(folder: Path, target: Path, arcname: str, *, onnx_only: bool = False) -> Path:
     """`folder` as a .tar.gz at `target` (top folder `arcname`), written atomically; the
-    manifest and staging marker are left out."""
+    manifest and staging marker are left out. `onnx_only`: a model folder without its PyTorch
+    weights (``*.safetensors``): the ONNX graphs, the tokenizer and ``mtl.json``, what
+    `mtl.ort_predict` loads."""
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
 
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         name = PurePosixPath(info.name).name
-        return None if name in (MANIFEST, STAGED) else info
+        if name in (MANIFEST, STAGED):
+            return None
+        if onnx_only and info.isfile() and name.endswith(".safetensors"):
+            return None
+        return info
 
     try:
         with tarfile.open(tmp, "w:gz") as tar:
@@ -111,6 +120,31 @@ def archive_dir(folder: Path, target: Path, arcname: str) -> Path:
 
 
 # ---------------------------------------------------------------------- the store's layout
+#: a model's archives beside its folder, by download format
+ARCHIVES = {"pytorch": "model.tar.gz", "onnx": "model.onnx.tar.gz"}
+
+
+def has_onnx(model_dir: Path) -> bool:
+    """Whether an exported model folder (or every member of an ensemble) has an ONNX export."""
+    try:
+        meta = json.loads((model_dir / "mtl.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if meta.get("kind") == "ensemble":
+        members = meta.get("members") or []
+        return bool(members) and all(has_onnx(model_dir / m["path"]) for m in members)
+    return bool(meta.get("onnx"))
+
+
+def write_archives(model_dir: Path) -> dict[str, Path]:
+    """The model's archives beside its folder (`ARCHIVES`; ONNX only when it has an export)."""
+    out = {"pytorch": archive_dir(model_dir, model_dir.with_name(ARCHIVES["pytorch"]), "model")}
+    if has_onnx(model_dir):
+        target = model_dir.with_name(ARCHIVES["onnx"])
+        out["onnx"] = archive_dir(model_dir, target, "model", onnx_only=True)
+    return out
+
+
 def job_key(job_id: str) -> str:
     """A job's files: ``model/``, ``model.tar.gz``, ``checkpoints/``, ``tensorboard/`` (in place),
     or ``a<attempt>/model``... per attempt (remote); the record's ``artifacts`` names which."""

@@ -14,9 +14,10 @@ With a remote store an attempt trains in a fresh local work folder and
   (``jobs/<id>/tensorboard``: event files are named per writer and only grow);
 * at the start of a re-queued attempt, downloads the two units the pointers name (checked
   against their manifests) and resumes from them exactly as it would from local checkpoints;
-* at the end uploads the exported model (``jobs/<id>/a<attempt>/model``) and its archive
-  (``.../model.tar.gz``, what the API streams), and `finish` records the prefix as the job's
-  ``artifacts``; older attempts' checkpoints are then removed.
+* at the end uploads the exported model (``jobs/<id>/a<attempt>/model``) and its archives
+  (``.../model.tar.gz`` and, with an ONNX export, ``.../model.onnx.tar.gz``: what the API
+  streams), and `finish` records the prefix as the job's ``artifacts``; older attempts'
+  checkpoints are then removed.
 
 A crash mid-upload leaves a unit without a manifest that no pointer names: never resumed from.
 """
@@ -35,7 +36,7 @@ from mtl.callbacks import Callback, TrainControl, TrainState
 from mtl.checkpoint import Checkpointer, atomic_write_text
 from mtl.errors import TrainingError
 from service.records import JobRecord
-from service.storage import Storage, StorageError, archive_dir, job_key
+from service.storage import Storage, StorageError, job_key, write_archives
 from service.store import JobStore, Lease
 
 __all__ = ["JobArtifacts"]
@@ -92,6 +93,15 @@ class JobArtifacts:
             log.info("job %s: resuming from %s", job_id, record.checkpoint)
         return self.work
 
+    def adopt(self, record: JobRecord | None, work: Path) -> Path:
+        """Use a folder another process prepared (rank 0 of a job on several devices)."""
+        self.work = work
+        if record is not None:
+            for unit in (record.checkpoint, record.checkpoint_best):
+                if unit:
+                    self.units[unit.rsplit("/", 1)[-1]] = unit
+        return work
+
     def _fetch(self, unit: str, ckpt_dir: Path) -> str:
         name = unit.rsplit("/", 1)[-1]
         if not name.startswith("step-"):
@@ -139,10 +149,11 @@ class JobArtifacts:
     # ------------------------------------------------------------------ after training
     def publish(self, model_dir: Path) -> dict[str, Any]:
         """Archive and upload the exported model; the record fields that point at it."""
-        archive = archive_dir(model_dir, model_dir.with_name("model.tar.gz"), "model")
+        archives = write_archives(model_dir)
         if not self.storage.in_place:
             try:
-                _retry(self.storage.put_file)(archive, f"{self.prefix}/model.tar.gz")
+                for path in archives.values():
+                    _retry(self.storage.put_file)(path, f"{self.prefix}/{path.name}")
                 _retry(self.storage.put_dir)(model_dir, f"{self.prefix}/model")
             except StorageError as exc:
                 raise TrainingError(f"cannot upload the model: {exc}") from exc

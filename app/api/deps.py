@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
 
 from celery import Celery
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
@@ -37,6 +37,7 @@ __all__ = [
     "JobDep",
     "JobStoreDep",
     "KeyGate",
+    "ModelFormatQuery",
     "OwnerDep",
     "PredictorsDep",
     "RedisDep",
@@ -85,6 +86,15 @@ JobStoreDep = Annotated[AsyncJobStore, Depends(get_job_store)]
 DatasetStoreDep = Annotated[AsyncDatasetStore, Depends(get_dataset_store)]
 EnsembleStoreDep = Annotated[AsyncEnsembleStore, Depends(get_ensemble_store)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
+ModelFormatQuery = Annotated[
+    Literal["pytorch", "onnx"],
+    Query(
+        alias="format",
+        description="`pytorch`: the whole folder (encoder, heads, tokenizer, ONNX graphs if "
+        "any); `onnx`: without the PyTorch weights (the graphs, tokenizer and mtl.json: what "
+        "`mtl.ort_predict` loads); 409 when the model has no ONNX export",
+    ),
+]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 PredictorsDep = Annotated[PredictorCache, Depends(get_predictors)]
 

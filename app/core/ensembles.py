@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app.core.errors import Invalid
-from service.storage import Storage, StorageError, archive_dir, ensemble_key
+from service.storage import Storage, StorageError, ensemble_key, write_archives
 
 __all__ = ["Member", "build_ensemble"]
 
@@ -52,9 +52,10 @@ def build_ensemble(
                 raise Invalid(f"{member.label} has no exported model", member.loc) from None
         export_ensemble(target, folders)
         meta = json.loads((target / "mtl.json").read_text(encoding="utf-8"))
-        archive = archive_dir(target, root / "model.tar.gz", "model")
+        archives = write_archives(target)
         if not storage.in_place:
-            storage.put_file(archive, f"{key}/model.tar.gz")
+            for path in archives.values():
+                storage.put_file(path, f"{key}/{path.name}")
             storage.put_dir(target, f"{key}/model")
         return task_labels(meta)
     except MemberError as exc:

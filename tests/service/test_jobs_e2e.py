@@ -87,6 +87,28 @@ def test_submit_stream_predict_download(client: httpx.Client, tmp_path: Path) ->
     assert model.config.hidden_size == 32
     meta = json.loads((tmp_path / "model" / "mtl.json").read_text())
     assert [t["name"] for t in meta["tasks"]] == ["task_a", "task_b"]
+    assert (tmp_path / "model" / "onnx" / "model.onnx").is_file()
+
+    # ?format=onnx: the same model without its PyTorch weights, for ONNX Runtime
+    r = client.get(f"/v1/jobs/{job['id']}/model", params={"format": "onnx"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-disposition"].endswith(f'{job["id"]}-model.onnx.tar.gz"')
+    onnx_dir = tmp_path / "onnx-download"
+    with tarfile.open(fileobj=io.BytesIO(r.content), mode="r:gz") as tar:
+        names = tar.getnames()
+        tar.extractall(onnx_dir, filter="data")
+    assert "model/onnx/model.onnx" in names and "model/mtl.json" in names
+    assert not [n for n in names if n.endswith(".safetensors")], names
+    from mtl.ort_predict import load_predictor
+
+    ort = load_predictor(onnx_dir / "model", prefer="onnx")
+    for got, want in zip(ort.predict(["hello world", "a b c"]), predictions, strict=True):
+        for task in ("task_a", "task_b"):
+            assert got[task]["label"] == want[task]["label"]
+            for label, p in want[task]["probabilities"].items():
+                assert abs(got[task]["probabilities"][label] - p) < 1e-4
+    r = client.get(f"/v1/jobs/{job['id']}/model", params={"format": "tflite"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "format"]
 
     # a stream of a finished job replays and ends at once
     started = time.monotonic()

@@ -207,7 +207,9 @@ def test_a_job_on_a_remote_store_shares_nothing_on_disk(stack: dict[str, Any]) -
 
         ids = []
         for seed in (0, 1):
-            r = api.post("/v1/jobs", json=_files_job(dataset["source"], seed))
+            cfg = _files_job(dataset["source"], seed)
+            cfg["onnx"] = {"export": seed == 0}  # the second job: PyTorch only
+            r = api.post("/v1/jobs", json=cfg)
             assert r.status_code == 202, r.text
             ids.append(r.json()["id"])
         for job_id in ids:
@@ -225,6 +227,15 @@ def test_a_job_on_a_remote_store_shares_nothing_on_disk(stack: dict[str, Any]) -
         with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
             names = tar.getnames()
         assert "model/mtl.json" in names and "model/manifest.json" not in names
+
+        r = api.get(f"/v1/jobs/{job_id}/model", params={"format": "onnx"})
+        assert r.status_code == 200
+        assert r.content == _bucket_bytes(s3, f"jobs/{job_id}/a1/model.onnx.tar.gz")
+        with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+            assert not [n for n in tar.getnames() if n.endswith(".safetensors")]
+        r = api.get(f"/v1/jobs/{ids[1]}/model", params={"format": "onnx"})
+        assert r.status_code == 409 and "has no ONNX export" in r.json()["detail"], r.text
+        assert _bucket_keys(s3, f"jobs/{ids[1]}/a1/model.onnx.tar.gz") == []
 
         r = api.post(f"/v1/jobs/{job_id}/predict", json={"texts": ["good great", "bad poor"]})
         assert r.status_code == 200, r.text
@@ -249,6 +260,8 @@ def test_a_job_on_a_remote_store_shares_nothing_on_disk(stack: dict[str, Any]) -
         assert r.status_code == 200, r.text
         r = api.get(f"/v1/ensembles/{ensemble['id']}/model")
         assert r.content == _bucket_bytes(s3, f"ensembles/{ensemble['id']}/model.tar.gz")
+        r = api.get(f"/v1/ensembles/{ensemble['id']}/model", params={"format": "onnx"})
+        assert r.status_code == 409, r.text  # one member has no ONNX export
 
         assert api.delete(f"/v1/jobs/{job_id}").status_code == 204
         assert _bucket_keys(s3, f"jobs/{job_id}") == []

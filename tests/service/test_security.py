@@ -119,8 +119,10 @@ def test_torch_is_at_least_2_10() -> None:
     from packaging.version import Version
 
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    torch_req = next(
-        Requirement(r) for r in project["dependencies"] if Requirement(r).name == "torch"
+    torch_req = next(  # the `train` extra's (the installs with torch all include it)
+        Requirement(r)
+        for r in project["optional-dependencies"]["train"]
+        if Requirement(r).name == "torch"
     )
     floors = [Version(s.version) for s in torch_req.specifier if s.operator in (">=", "==", "~=")]
     assert floors and min(floors) >= Version("2.10"), str(torch_req)

@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse
 from app.api.deps import (
     EnsembleStoreDep,
     JobStoreDep,
+    ModelFormatQuery,
     OwnerDep,
     PredictorsDep,
     SettingsDep,
@@ -286,11 +287,16 @@ async def delete_ensemble(
     summary="The ensemble as a .tar.gz",
     responses={**error_responses(404), 200: {"content": {"application/gzip": {}}}},
 )
-async def download_ensemble(ensemble: EnsembleDep, storage: StorageDep) -> Response:
+async def download_ensemble(
+    ensemble: EnsembleDep, storage: StorageDep, fmt: ModelFormatQuery = "pytorch"
+) -> Response:
     """A `model/` folder: `mtl.json` (`"kind": "ensemble"`, the members and their weights, the
     tasks) and each member's exported model under `members/<i>/`; `mtl predict model ...` and
     `mtl.predict.Predictor.load` use it as one model."""
-    return await model_download(ensemble_key(ensemble.id), storage, f"{ensemble.id}-model.tar.gz")
+    suffix = "model.onnx" if fmt == "onnx" else "model"
+    return await model_download(
+        ensemble_key(ensemble.id), storage, f"{ensemble.id}-{suffix}.tar.gz", fmt
+    )
 
 
 @router.post(

@@ -23,6 +23,7 @@ from app.api.deps import (
     CeleryDep,
     JobDep,
     JobStoreDep,
+    ModelFormatQuery,
     OwnerDep,
     PredictorsDep,
     SettingsDep,
@@ -433,10 +434,13 @@ async def delete_job(
         409: {"model": ConflictOut, "description": "not yet"},
     },
 )
-async def download_model(job: JobDep, storage: StorageDep) -> Response:
+async def download_model(
+    job: JobDep, storage: StorageDep, fmt: ModelFormatQuery = "pytorch"
+) -> Response:
     """A `model/` folder: the encoder (`transformers.AutoModel.from_pretrained`), tokenizer,
     `heads.safetensors` and `mtl.json` (tasks, labels, pooling)."""
-    return await model_download(job, storage, f"{job.id}-model.tar.gz")
+    suffix = "model.onnx" if fmt == "onnx" else "model"
+    return await model_download(job, storage, f"{job.id}-{suffix}.tar.gz", fmt)
 
 
 @router.post(

@@ -18,6 +18,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from app.api.deps import (
     DatasetStoreDep,
     JobStoreDep,
+    ModelFormatQuery,
     OwnerDep,
     PredictorsDep,
     SettingsDep,
@@ -365,9 +366,12 @@ async def delete_study(
         409: {"model": ConflictOut, "description": "no completed trial yet"},
     },
 )
-async def download_study_model(study: StudyDep, jobs: JobStoreDep, storage: StorageDep) -> Response:
+async def download_study_model(
+    study: StudyDep, jobs: JobStoreDep, storage: StorageDep, fmt: ModelFormatQuery = "pytorch"
+) -> Response:
     job = await _model_job(study, jobs)
-    return await model_download(job, storage, f"{study.id}-model.tar.gz")
+    suffix = "model.onnx" if fmt == "onnx" else "model"
+    return await model_download(job, storage, f"{study.id}-{suffix}.tar.gz", fmt)
 
 
 @router.post(
