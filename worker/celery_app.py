@@ -8,6 +8,7 @@ child process (`worker_max_tasks_per_child=1`).
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import os
 import socket
@@ -38,6 +39,15 @@ def _private_files(**_: object) -> None:
     settings.private_files()
 
 
+PRELOAD = (
+    "transformers.models.bert.modeling_bert",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime.quantization",
+    "mtl.onnx",
+)
+
+
 @worker_init.connect
 def _preload(**_: object) -> None:
     """Import torch and the trainer once in the parent: forked children start fast.
@@ -45,9 +55,17 @@ def _preload(**_: object) -> None:
     if not settings.preload_torch:
         return
     try:
-        import mtl.trainer  # noqa: F401
+        importlib.import_module("mtl.trainer")
     except Exception:  # the child will report the real error on its job
         log.warning("could not preload mtl.trainer", exc_info=True)
+    # transformers imports a model's code on first use (BERT's pulls in torch._dynamo and
+    # torch.distributed.tensor: seconds), and every job ends with the ONNX export: without
+    # these each fresh child would import them again
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            log.info("not preloaded: %s", name)
     _freeze_heap()
 
 
