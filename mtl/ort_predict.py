@@ -48,8 +48,9 @@ _INSTALL = "pip install 'mtl-jobs[onnx]'"
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' warnings while it loads (e.g. that torch is not installed)."""
+def quiet_transformers() -> Iterator[None]:
+    """Hide what transformers logs while it loads (e.g. that torch is not installed, or
+    BERT's unused pooler)."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -234,7 +235,7 @@ class OrtPredictor:
             try:
                 from transformers import AutoTokenizer
 
-                with _quiet_transformers():
+                with quiet_transformers():
                     tokenizer = AutoTokenizer.from_pretrained(model_dir)
             except (OSError, ValueError, KeyError) as exc:
                 raise ModelError(f"{model_dir}: cannot load the tokenizer: {exc}") from exc

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,24 +13,12 @@ from mtl.config import HeadConfig, TaskConfig
 from mtl.errors import ModelError
 from mtl.export import MTL_FILE
 from mtl.model import MultiTaskModel, SentenceEncoder
+from mtl.ort_predict import quiet_transformers
 
 if TYPE_CHECKING:
     from mtl.ensemble import EnsemblePredictor
 
 __all__ = ["Predictor"]
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide the load report (e.g. BERT's unused pooler) that transformers logs."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 class Predictor:
@@ -64,7 +50,7 @@ class Predictor:
 
             return EnsemblePredictor.load(model_dir, device=device)
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 transformer = AutoModel.from_pretrained(model_dir)
             tokenizer = AutoTokenizer.from_pretrained(model_dir) if meta["has_tokenizer"] else None
         except (OSError, ValueError) as exc:

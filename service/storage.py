@@ -47,7 +47,6 @@ __all__ = [
     "StorageError",
     "archive_dir",
     "ensemble_key",
-    "has_onnx",
     "job_key",
     "manifest_of",
     "write_archives",
@@ -124,20 +123,10 @@ def archive_dir(folder: Path, target: Path, arcname: str, *, onnx_only: bool = F
 ARCHIVES = {"pytorch": "model.tar.gz", "onnx": "model.onnx.tar.gz"}
 
 
-def has_onnx(model_dir: Path) -> bool:
-    """Whether an exported model folder (or every member of an ensemble) has an ONNX export."""
-    try:
-        meta = json.loads((model_dir / "mtl.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if meta.get("kind") == "ensemble":
-        members = meta.get("members") or []
-        return bool(members) and all(has_onnx(model_dir / m["path"]) for m in members)
-    return bool(meta.get("onnx"))
-
-
 def write_archives(model_dir: Path) -> dict[str, Path]:
     """The model's archives beside its folder (`ARCHIVES`; ONNX only when it has an export)."""
+    from mtl.ort_predict import has_onnx
+
     out = {"pytorch": archive_dir(model_dir, model_dir.with_name(ARCHIVES["pytorch"]), "model")}
     if has_onnx(model_dir):
         target = model_dir.with_name(ARCHIVES["onnx"])

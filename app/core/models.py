@@ -20,9 +20,10 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.predictors import PredictorCache
 from mtl.errors import ModelError, TorchRequired
+from mtl.ort_predict import has_onnx
 from service.records import JobRecord, JobState
 from service.settings import Settings
-from service.storage import ARCHIVES, Storage, StorageError, archive_dir, has_onnx, job_key
+from service.storage import ARCHIVES, Storage, StorageError, archive_dir, job_key
 
 __all__ = ["delete_job_files", "model_download", "model_prefix", "predict_texts", "stage_model"]
 
