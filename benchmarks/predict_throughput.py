@@ -55,13 +55,13 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.study_clothing import subsample as study_subsample  # noqa: E402
 from service.embedded import RedisServer, free_port, start_worker, stop_process  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "womens_clothing_reviews"
@@ -122,34 +122,9 @@ def read_rows(split: str) -> list[dict[str, str]]:
 
 
 def subsample(split: str, n: int, seed: int) -> bytes:
-    """`n` rows of `split`, stratified on department x sentiment (largest remainder), sorted
-    by id, as CSV bytes (text, department, sentiment): as benchmarks/study_clothing.py."""
-    rows = read_rows(split)
-    n = min(n, len(rows))
-    groups: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
-    for row in rows:
-        groups[(row["department"], row["sentiment"])].append(row)
-    quota = {k: n * len(v) / len(rows) for k, v in groups.items()}
-    take = {k: int(q) for k, q in quota.items()}
-    for k in sorted(quota, key=lambda k: (-(quota[k] - take[k]), k))[: n - sum(take.values())]:
-        take[k] += 1
-    rng = random.Random(f"{seed}:{split}")
-    picked: list[dict[str, str]] = []
-    for k in sorted(groups):
-        group = list(groups[k])
-        rng.shuffle(group)
-        picked += group[: take[k]]
-    picked.sort(key=lambda r: int(r["id"]))
-    out = io.StringIO()
-    writer = csv.DictWriter(
-        out,
-        fieldnames=["text", "department", "sentiment"],
-        extrasaction="ignore",
-        lineterminator="\n",
-    )
-    writer.writeheader()
-    writer.writerows(picked)
-    return out.getvalue().encode()
+    """`n` rows of `split` (at most all), stratified and drawn as benchmarks/study_clothing.py
+    draws them, as CSV bytes."""
+    return study_subsample(split, min(n, len(read_rows(split))), seed)[0]
 
 
 def bench_texts(n: int, seed: int, shape: str) -> list[str]:

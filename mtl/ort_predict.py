@@ -39,6 +39,7 @@ __all__ = [
     "has_onnx",
     "load_predictor",
     "onnx_entry",
+    "prediction_rows",
     "torch_installed",
 ]
 
@@ -262,16 +263,26 @@ class OrtPredictor:
             feed = {name: np.asarray(enc[name], dtype=np.int64) for name in ONNX_INPUTS}
             logits = self.session.run(tasks, feed)
             probs = {task: _softmax(v) for task, v in zip(tasks, logits, strict=True)}
-            for i in range(len(chunk)):
-                row = {}
-                for task, p in probs.items():
-                    names = self.labels[task]
-                    row[task] = {
-                        "label": names[int(p[i].argmax())],
-                        "probabilities": {n: float(p[i, j]) for j, n in enumerate(names)},
-                    }
-                results.append(row)
+            results += prediction_rows(probs, self.labels, len(chunk))
         return results
+
+
+def prediction_rows(
+    probs: dict[str, Any], labels: dict[str, list[str]], count: int
+) -> list[dict[str, Any]]:
+    """Per text, per task: the most probable label and every label's probability, from
+    `probs[task]` (a `[count, classes]` array or tensor). Both predictors answer this way."""
+    rows = []
+    for i in range(count):
+        row = {}
+        for task, p in probs.items():
+            names = labels[task]
+            row[task] = {
+                "label": names[int(p[i].argmax())],
+                "probabilities": {n: float(p[i, j]) for j, n in enumerate(names)},
+            }
+        rows.append(row)
+    return rows
 
 
 def load_predictor(

@@ -13,7 +13,7 @@ from mtl.config import HeadConfig, TaskConfig
 from mtl.errors import ModelError
 from mtl.export import MTL_FILE
 from mtl.model import MultiTaskModel, SentenceEncoder
-from mtl.ort_predict import quiet_transformers
+from mtl.ort_predict import prediction_rows, quiet_transformers
 
 if TYPE_CHECKING:
     from mtl.ensemble import EnsemblePredictor
@@ -98,13 +98,5 @@ class Predictor:
                 enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
             )
             probs = {t: torch.softmax(v.float(), dim=-1).cpu() for t, v in logits.items()}
-            for i in range(len(chunk)):
-                row = {}
-                for task, p in probs.items():
-                    names = self.labels[task]
-                    row[task] = {
-                        "label": names[int(p[i].argmax())],
-                        "probabilities": {n: float(p[i, j]) for j, n in enumerate(names)},
-                    }
-                results.append(row)
+            results += prediction_rows(probs, self.labels, len(chunk))
         return results
