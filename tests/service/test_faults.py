@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import psutil
 import pytest
 import redis
 
@@ -498,6 +499,15 @@ def _kill_inside_a_checkpoint_write(
 # ------------------------------------------------------------------------- fencing
 
 
+def _runs_under(pid: int, worker: WorkerHandle) -> bool:
+    """The process `pid` is a descendant of the worker's main process."""
+    assert worker.process is not None
+    try:
+        return any(p.pid == worker.process.pid for p in psutil.Process(pid).parents())
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_a_frozen_attempt_is_fenced_off_while_the_next_one_trains(
     client: httpx.Client,
     db: redis.Redis,
@@ -508,9 +518,15 @@ def test_a_frozen_attempt_is_fenced_off_while_the_next_one_trains(
     The reaper re-queues the job and a second worker runs attempt 2. When the frozen child
     wakes up it must stop at once and write nothing: never two attempts training at once."""
     total, every = 400, 50
+    # Both workers read the queue before the job exists (starting one takes seconds: the
+    # job could end meanwhile); whichever takes attempt 1 is frozen, the other runs attempt 2.
+    spare = spare_worker()
     job_id = submit(client, long_config(steps=total, checkpoint_every=every))["id"]
     frozen = running_attempt(db, job_id, 1)
-    other = spare_worker()  # a second worker, idle, on the same queue
+    owner, other = (
+        (healthy_worker, spare) if _runs_under(frozen, healthy_worker) else (spare, healthy_worker)
+    )
+    assert _runs_under(frozen, owner)
     wait_checkpoint(client, job_id, at_least=every, past=5)
     os.kill(frozen, signal.SIGSTOP)
     try:
@@ -530,7 +546,7 @@ def test_a_frozen_attempt_is_fenced_off_while_the_next_one_trains(
     assert state_events(events) == RESUMED_ONCE
     check_one_attempt_at_a_time(events)  # nothing from attempt 1 after attempt 2 was queued
     check_each_step_once(client, job_id, events, total, 5, every)
-    assert "stale" in healthy_worker.log_text()  # it noticed and left the job alone
+    assert "stale" in owner.log_text()  # it noticed and left the job alone
     assert other.process is not None and other.process.poll() is None
 
 
