@@ -183,6 +183,14 @@ class AsyncJobStore:
         low = since_step if since_step is not None else "-inf"
         return await self.redis.zrangebyscore(self.keys.metrics(job_id), low, "+inf")
 
+    async def worker_devices(self, within_s: float) -> dict[str, int]:
+        """The live workers (a heartbeat within `within_s`) -> the devices each declared."""
+        names = await self.workers_alive(within_s)
+        if not names:
+            return {}
+        values = await self.redis.hmget(self.keys.worker_devices, names)
+        return {n: int(v or 1) for n, v in zip(names, values, strict=True)}
+
     async def workers_alive(self, within_s: float) -> list[str]:
         now_ms = int(time.time() * 1000)
         return await self.redis.zrangebyscore(

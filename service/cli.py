@@ -1,6 +1,6 @@
 """The service client's commands, added to `mtl` as a plugin (entry point `mtl.cli`: client).
 
-mtl submit CONFIG [--name N] [--follow]
+mtl submit CONFIG [--name N] [--priority high|normal|low] [--follow]
 mtl jobs [--state S] | status ID [--json] | logs ID [--follow] | cancel ID | download ID
 mtl predict --job ID TEXT...   (and, as before, `mtl predict MODEL_DIR TEXT...`)
 mtl study submit FILE [--follow] | status ID [--json] | cancel ID   (`service.study_cli`)
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +26,18 @@ from rich.table import Table
 from mtl.cli import _fail, _load, console, predict_local, print_predictions, replace_command
 from mtl.summary import summarise
 from service.client import JobClient, ServiceError
-from service.records import TERMINAL_STATES
+from service.records import PRIORITIES, TERMINAL_STATES
+
+
+class PriorityChoice(StrEnum):
+    """`--priority` (typer lists an enum's values as the choices): `service.records.PRIORITIES`."""
+
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+
+assert tuple(PriorityChoice) == PRIORITIES
 
 __all__ = ["register"]
 
@@ -52,6 +64,8 @@ def _job_line(job: dict[str, Any]) -> str:
     p = job.get("progress") or {}
     step = f"{p.get('step', 0)}/{p.get('total_steps') or '?'}"
     extra = f" (queue position {job['queue_position']})" if job.get("queue_position") else ""
+    if job.get("queued_reason"):
+        extra += f"; {job['queued_reason']}"
     reason = f": {job['error']}" if job.get("error") else ""
     return f"{job['id']}  {job['state']}{extra}  step {step}{reason}"
 
@@ -59,6 +73,9 @@ def _job_line(job: dict[str, Any]) -> str:
 def submit(
     config: Annotated[Path, typer.Argument(help="YAML or JSON training config")],
     name: Annotated[str | None, typer.Option(help="a label for the job")] = None,
+    priority: Annotated[
+        PriorityChoice, typer.Option(help="high jobs start before normal ones, normal before low")
+    ] = PriorityChoice.normal,
     follow: Annotated[bool, typer.Option(help="stream its metrics until it ends")] = False,
     url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = None,
@@ -66,8 +83,9 @@ def submit(
     """Submit CONFIG to the service as a job."""
     cfg = _load(config)
     with _client(url, api_key) as client:
-        job = _service(lambda: client.submit(cfg.model_dump(mode="json"), name=name))
-        console.print(f"submitted [bold]{job['id']}[/] ({job['state']})")
+        body = cfg.model_dump(mode="json")
+        job = _service(lambda: client.submit(body, name=name, priority=priority.value))
+        console.print(f"submitted {_job_line(job)}")
         if follow:
             _follow(client, job["id"])
 

@@ -115,11 +115,17 @@ class JobClient:
 
     # ------------------------------------------------------------------------------ jobs
     def submit(
-        self, config: dict[str, Any], name: str | None = None, idempotency_key: str | None = None
+        self,
+        config: dict[str, Any],
+        name: str | None = None,
+        idempotency_key: str | None = None,
+        priority: str | None = None,
     ) -> dict[str, Any]:
         body = dict(config)
         if name is not None:
             body["name"] = name
+        if priority is not None:
+            body["priority"] = priority
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", "/v1/jobs", json=body, headers=headers).json()
 

@@ -352,13 +352,13 @@ class DataDirLock:
         self.release()
 
 
-def worker_command(
-    *, queue: str = "mtl-train", name: str | None = None, loglevel: str = "INFO"
-) -> list[str]:
+def worker_command(*, name: str | None = None, loglevel: str = "INFO") -> list[str]:
+    """The worker's command line. No `-Q`: the worker reads the queues its settings give it
+    (`MTL_QUEUE_NAME`, `MTL_WORKER_DEVICES`: see service/queue.py)."""
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
         "--pool", "prefork", "-c", "1", "--prefetch-multiplier", "1",
-        "--max-tasks-per-child", "1", "-Q", queue,
+        "--max-tasks-per-child", "1",
         "-n", name or f"mtl-{secrets.token_hex(3)}@%h",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         "-l", loglevel,
@@ -368,22 +368,25 @@ def worker_command(
 def start_worker(
     env: Mapping[str, str],
     *,
-    queue: str = "mtl-train",
+    queue: str | None = None,
     log_file: Path | None = None,
     name: str | None = None,
     die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
     """A Celery worker process (its own process group: `stop_process` ends the children).
     With `die_with_parent` it gets SIGKILL when the calling thread's process dies (its own
-    training child dies with it: Celery sets the same on its pool processes)."""
+    training child dies with it: Celery sets the same on its pool processes). `queue`: the
+    base queue name (default: `MTL_QUEUE_NAME` of `env` or of this process)."""
     full_env = {**os.environ, **env}
+    if queue is not None:
+        full_env["MTL_QUEUE_NAME"] = queue
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p
     )
     out: Any = open(log_file, "ab") if log_file else None  # noqa: SIM115 (owned by the child)
     try:
         return subprocess.Popen(
-            worker_command(queue=queue, name=name),
+            worker_command(name=name),
             env=full_env,
             cwd=str(REPO_ROOT),
             stdin=subprocess.DEVNULL,

@@ -14,7 +14,10 @@ Per job ``{p}:job:{id}``::
 
 Indexes::
 
-    {p}:jobs:queued         zset    queued job ids, score = enqueue sequence (queue position)
+    {p}:jobs:queued         zset    queued job ids, score = priority band * 1e13 + enqueue
+                                    sequence (the queue position: high before normal before low)
+    {p}:jobs:held           zset    queued jobs not sent to the workers yet: their key is at its
+                                    device limit (`max_devices_per_key`); same score
     {p}:jobs:active         set     running and cancelling job ids (what the reaper scans)
     {p}:queue:seq           string  counter for the queue order
     {p}:owner:{o}:jobs      zset    the owner's job ids, score = creation time (ms)
@@ -25,6 +28,7 @@ Indexes::
     {p}:ensemble:{id}       hash    an ensemble: `owner`, `record` (EnsembleRecord JSON)
     {p}:owner:{o}:ensembles zset    the owner's ensemble ids, score = creation time (ms)
     {p}:workers             zset    worker heartbeats, member = worker name, score = time (ms)
+    {p}:workers:devices     hash    worker name -> the devices it declared
     {p}:study:{id}          hash    a study: `owner`, `record` (StudyRecord JSON), `cancel`
     {p}:study:{id}:trials   hash    trial number -> TrialRecord JSON
     {p}:study:{id}:events   stream  the study's events (like a job's)
@@ -84,6 +88,10 @@ class Keys:
     @property
     def queued(self) -> str:
         return f"{self.prefix}:jobs:queued"
+
+    @property
+    def held(self) -> str:
+        return f"{self.prefix}:jobs:held"
 
     @property
     def active(self) -> str:
@@ -154,6 +162,10 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    @property
+    def worker_devices(self) -> str:
+        return f"{self.prefix}:workers:devices"
 
     def process(self, host: str, pid: int) -> str:
         return f"{self.prefix}:proc:{host}:{pid}"

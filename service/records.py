@@ -28,6 +28,7 @@ from mtl.summary import SplitScores, TaskScores
 
 __all__ = [
     "ACTIVE_STATES",
+    "PRIORITIES",
     "TERMINAL_STATES",
     "BestScores",
     "DatasetRecord",
@@ -38,8 +39,14 @@ __all__ = [
     "JobRecord",
     "JobState",
     "LatestScores",
+    "Priority",
     "json_default",
 ]
+
+
+Priority = Literal["high", "normal", "low"]
+#: in the order workers take them (service/queue.py)
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 
 
 class JobState(StrEnum):
@@ -120,10 +127,10 @@ _FLOATS = (
 )  # fmt: skip
 _INTS = (
     "attempt", "max_attempts", "step", "total_steps", "epoch", "checkpoint_step", "restarts",
-    "published", "created_ms", "trial",
+    "published", "created_ms", "trial", "devices", "band",
 )  # fmt: skip
 _JSON = ("latest", "best", "final_metrics")
-_FLAGS = ("cancel", "model")
+_FLAGS = ("cancel", "model", "held")
 
 
 class JobRecord(BaseModel):
@@ -150,6 +157,14 @@ class JobRecord(BaseModel):
     idem_key: str | None = None
     study_id: str | None = Field(None, description="the study this job is a trial of")
     trial: int | None = Field(None, description="its trial number in that study")
+    # routing (service.queue)
+    priority: Priority = "normal"
+    band: int = Field(1, description="the priority's band in the queue order (0: high)")
+    devices: int = Field(1, description="the devices the job trains on (its config's)")
+    queue: str | None = Field(None, description="its Celery queue; None: the base queue")
+    held: bool = Field(
+        False, description="queued but not sent to the workers: its key is at its device limit"
+    )
     # progress
     step: int = 0
     total_steps: int | None = None

@@ -135,6 +135,13 @@ class Settings(BaseSettings):
         description="queued, running and cancelling jobs one API key may have at once "
         "(a submit over it is a 429); 0: no limit",
     )
+    max_devices_per_key: int = Field(
+        default=0,
+        ge=0,
+        description="devices one API key's jobs may hold at once (running, cancelling, or "
+        "queued and released to the workers); a job over it waits, queued, with the reason in "
+        "its `queued_reason`, until the key's other jobs end; 0: no limit",
+    )
     retry_after_s: int = Field(
         default=30, ge=1, le=3600, description="the Retry-After of a 429 (per-key job limit)"
     )
@@ -181,7 +188,21 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = Field(
         default=10.0, gt=0, description="below FastAPI's own 15 s ping, which then never fires"
     )
-    queue_name: str = "mtl-train"
+    queue_name: str = Field(
+        default="mtl-train",
+        pattern=r"^[A-Za-z0-9_\-]{1,64}$",
+        description="the base name of the job queues (see service/queue.py: one per priority "
+        "and device count)",
+    )
+    worker_devices: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="the devices this worker has: it takes jobs that need at most this many "
+        "(`devices` of the config); unset: the GPUs it sees (/dev/nvidiaN, limited by "
+        "CUDA_VISIBLE_DEVICES), or 1 on a machine without one (a CPU worker that should run "
+        "several gloo processes per job sets it)",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="intra-op threads of a training run"
     )
@@ -258,6 +279,18 @@ class Settings(BaseSettings):
     @property
     def open_access(self) -> bool:
         return not self.api_keys
+
+    def local_devices(self) -> int:
+        """The devices this worker declares (`worker_devices`, else the GPUs it sees). No
+        CUDA is touched: the device files are counted."""
+        if self.worker_devices is not None:
+            return self.worker_devices
+        found = sum(1 for p in Path("/dev").glob("nvidia*") if p.name[6:].isdigit())
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            named = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+            found = min(found, len(named))
+        return max(1, found)
 
     def require_redis_url(self) -> str:
         if not self.redis_url:

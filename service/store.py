@@ -152,18 +152,27 @@ class NewJob:
     max_active: int = 0  # the owner's limit of active jobs (0: none)
     fields: Mapping[str, Any] = field(default_factory=dict)  # more record fields
     idempotency_ttl_s: int | None = None  # default: the store's
+    # routing (service.queue): where the message goes, the place in line, the device limit
+    devices: int = 1
+    priority: str = "normal"
+    queue: str | None = None  # None: the base queue
+    max_devices: int = 0  # the owner's device limit (0: none); over it the job is held
 
     def script_call(self, keys: Keys, maxlen: int, idem_ttl: int) -> tuple[list[str], list[Any]]:
+        from service.queue import priority_band
+
         job_id = new_job_id()
         now = time.time()
         idem = self.idempotency_key or keys.job(job_id)
+        routing = {"priority": self.priority, "queue": self.queue or ""}
         return (
             [keys.job(job_id), keys.config(job_id), keys.events(job_id), keys.queued,
-             keys.queue_seq, keys.owner_jobs(self.owner), idem],
+             keys.queue_seq, keys.owner_jobs(self.owner), idem, keys.held],
             [job_id, self.owner, self.name or "", self.config_json, now, self.max_attempts,
              self.fingerprint, self.idempotency_ttl_s or idem_ttl, maxlen, int(now * 1000),
              "1" if self.idempotency_key else "0", keys.owner_jobs_prefix(self.owner),
-             keys.job(""), self.max_active, *flatten(self.fields)],
+             keys.job(""), self.max_active, priority_band(self.priority), self.devices,
+             self.max_devices, *flatten(routing), *flatten(self.fields)],
         )  # fmt: skip
 
     @staticmethod
@@ -207,6 +216,7 @@ class JobStore:
         self._reap = redis.register_script(lua("reap"))
         self._create = redis.register_script(lua("create"))
         self._cancel = redis.register_script(lua("cancel"))
+        self._release = redis.register_script(lua("release"))
         self.idem_ttl = 30 * 24 * 3600
 
     def _owner_prefix(self, job_id: str) -> str:
@@ -333,11 +343,12 @@ class JobStore:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hmget(self.keys.job(job_id), "state", "attempt", "published", "queued_at")
+            pipe.hmget(self.keys.job(job_id), "state", "attempt", "published", "queued_at", "held")
         now = time.time()
         out = []
-        for job_id, (state, attempt, published, queued_at) in zip(ids, pipe.execute(), strict=True):
-            if state != JobState.QUEUED or attempt is None:
+        rows = zip(ids, pipe.execute(), strict=True)
+        for job_id, (state, attempt, published, queued_at, held) in rows:
+            if state != JobState.QUEUED or attempt is None or held == "1":
                 continue
             if published != attempt and now - float(queued_at or 0) > older_than_s:
                 out.append((job_id, int(attempt)))
@@ -345,6 +356,17 @@ class JobStore:
 
     def mark_published(self, job_id: str, attempt: int) -> None:
         self.redis.hset(self.keys.job(job_id), "published", attempt)
+
+    def job_queue(self, job_id: str) -> str | None:
+        """The Celery queue of the job (None: the base queue)."""
+        return self.redis.hget(self.keys.job(job_id), "queue") or None
+
+    def release_held(self, max_devices: int) -> list[tuple[str, int, str | None]]:
+        """Release the held jobs whose owner has room under `max_devices` now (in queue
+        order): `(job_id, attempt, queue)` of each, to publish."""
+        k = self.keys
+        flat = self._release(keys=[k.held], args=[k.job(""), f"{k.prefix}:owner:", max_devices])
+        return [(flat[i], int(flat[i + 1]), flat[i + 2] or None) for i in range(0, len(flat), 3)]
 
     def published_queued(self, limit: int = 100_000) -> list[tuple[str, int]]:
         """Queued jobs (the `limit` first in line) whose message was confirmed sent."""
@@ -360,15 +382,15 @@ class JobStore:
                 out.append((job_id, int(attempt)))
         return out
 
-    def broker_attempts(self, queue: str) -> set[tuple[str, int]]:
-        """`(job_id, attempt)` of every message in the broker: waiting in `queue` or in any
-        other queue kombu has bound under our prefix (workers may read different queues), or
-        taken by a worker and not yet acknowledged. O(messages): the reaper calls it sparingly.
-        """
+    def broker_attempts(self, *queue: str) -> set[tuple[str, int]]:
+        """`(job_id, attempt)` of every message in the broker: waiting in the `queue`s or in
+        any other queue kombu has bound under our prefix (workers may read different queues),
+        or taken by a worker and not yet acknowledged. O(messages): the reaper calls it
+        sparingly."""
         from service.queue import message_attempt
 
         binding = f"{self.keys.broker_prefix}_kombu.binding."
-        queues = {queue} | {
+        queues = set(queue) | {
             key[len(binding) :] for key in self.redis.scan_iter(match=f"{binding}*", count=500)
         }
         pipe = self.redis.pipeline(transaction=False)
@@ -411,12 +433,21 @@ class JobStore:
         )
 
     # -- workers
-    def heartbeat(self, worker: str) -> None:
+    def heartbeat(self, worker: str, devices: int = 1) -> None:
+        """The worker is alive and has `devices` devices (what the API routes jobs by)."""
         now_ms = int(time.time() * 1000)
+        cutoff = now_ms - 24 * 3600 * 1000  # workers silent for a day are forgotten
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self.keys.workers, {worker: now_ms})
-        pipe.zremrangebyscore(self.keys.workers, 0, now_ms - 24 * 3600 * 1000)
-        pipe.execute()
+        pipe.hset(self.keys.worker_devices, worker, devices)
+        pipe.zrangebyscore(self.keys.workers, 0, cutoff)
+        pipe.zremrangebyscore(self.keys.workers, 0, cutoff)
+        forgotten = pipe.execute()[2]
+        if forgotten:
+            self.redis.hdel(self.keys.worker_devices, *forgotten)
 
     def worker_gone(self, worker: str) -> None:
-        self.redis.zrem(self.keys.workers, worker)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.keys.workers, worker)
+        pipe.hdel(self.keys.worker_devices, worker)
+        pipe.execute()

@@ -15,8 +15,9 @@ import socket
 from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+from kombu import Queue
 
-from service.queue import make_celery
+from service.queue import make_celery, worker_queues
 from service.settings import get_settings
 from worker.recycle import PromptRecycle
 
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 settings = get_settings()
 celery_app = make_celery(settings)
 celery_app.conf.include = ["worker.tasks"]
+#: the devices this worker declares: it reads the queues of jobs that need at most this many,
+#: high priority first (service/queue.py); no `-Q` on the command line overrides it
+DEVICES = settings.local_devices()
+celery_app.conf.task_queues = [Queue(name) for name in worker_queues(settings.queue_name, DEVICES)]
 celery_app.steps["worker"].add(PromptRecycle)
 
 _maintenance: Any = None
@@ -108,7 +113,7 @@ def _start_maintenance(**_: object) -> None:
 
     name = f"{socket.gethostname()}:{os.getpid()}"
     store = make_store(settings, sync_redis(settings))
-    _maintenance = Maintenance(settings, store, celery_app, name)
+    _maintenance = Maintenance(settings, store, celery_app, name, DEVICES)
     _maintenance.start()
     client = sync_redis(settings)
     _studies = StudyDriver(
@@ -116,7 +121,7 @@ def _start_maintenance(**_: object) -> None:
         make_store(settings, client),
         StudyStore(client, Keys(settings.key_prefix), maxlen=settings.stream_maxlen,
                    ttl_s=settings.stream_ttl_s),
-        lambda job_id, attempt: enqueue(celery_app, settings, job_id, attempt),
+        lambda job_id, attempt, queue: enqueue(celery_app, settings, job_id, attempt, queue),
         poll_s=settings.study_poll_s,
     )  # fmt: skip
     _studies.start()

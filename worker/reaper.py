@@ -4,7 +4,8 @@ Where it runs: the Celery worker's main (parent) process starts one `Maintenance
 `worker_ready` and stops it on shutdown. Every worker runs one; the Lua scripts make that
 safe (a job whose lease expired is moved exactly once). It does three things:
 
-* heartbeat: ``ZADD {p}:workers <now> <worker>`` every `heartbeat_s` (what `/readyz` reads);
+* heartbeat: ``ZADD {p}:workers <now> <worker>`` every `heartbeat_s` (what `/readyz` reads),
+  with the devices the worker declared (what the API checks a job's `devices` against);
 * reap: every `reaper_interval_s`, each running/cancelling job whose lease key has expired is
   moved to its next attempt and re-published as `(job_id, attempt + 1)`; the new attempt
   resumes from the last complete checkpoint. When the restart budget (`max_restarts`) is spent
@@ -18,8 +19,10 @@ safe (a job whose lease expired is moved exactly once). It does three things:
   That is the message a worker took (early acknowledgement) whose process then died before
   the attempt began, or one a broker restart lost. The wait covers the moment between a
   worker taking a message and `begin` (milliseconds; a false alarm would only add a
-  harmless duplicate). A lost message is published to this worker's queue: one queue per
-  deployment is assumed;
+  harmless duplicate). A lost message is published again to its job's queue;
+* release held jobs: a job whose key was at its device limit (`max_devices_per_key`) when it
+  was queued is held (queued, not published); each reaper pass publishes those that fit now,
+  in queue order;
 * end stale training processes: each training process records which attempt it runs
   (`{p}:proc:{host}:{pid}`); a child of this worker whose attempt is no longer its job's
   current one (the lease lapsed and the job moved on) normally notices and exits within a
@@ -86,6 +89,20 @@ def reap_once(
         store.mark_published(job_id, attempt)
         done.republished.append((job_id, attempt))
     return done
+
+
+def release_held(
+    store: JobStore, publish: Callable[[str, int], Any], max_devices: int
+) -> list[tuple[str, int]]:
+    """Publish the held jobs (their key was at its device limit) that fit now; returns them."""
+    released = []
+    for job_id, attempt, _queue in store.release_held(max_devices):
+        log.info("job %s attempt %s: its key has devices free; sent to the workers",
+                 job_id, attempt)  # fmt: skip
+        publish(job_id, attempt)
+        store.mark_published(job_id, attempt)
+        released.append((job_id, attempt))
+    return released
 
 
 def find_lost_messages(
@@ -172,20 +189,26 @@ def end_stale_processes(
 
 class Maintenance(threading.Thread):
     def __init__(
-        self, settings: Settings, store: JobStore, celery: Celery, worker_name: str
+        self,
+        settings: Settings,
+        store: JobStore,
+        celery: Celery,
+        worker_name: str,
+        devices: int = 1,
     ) -> None:
         super().__init__(name="mtl-maintenance", daemon=True)
         self.settings = settings
         self.store = store
         self.celery = celery
         self.worker_name = worker_name
+        self.devices = devices
         self._halt = threading.Event()
         self._lost: dict[tuple[str, int], float] = {}
         self._children: set[int] = set()
         self._stale: dict[int, float] = {}
 
     def _publish(self, job_id: str, attempt: int) -> None:
-        enqueue(self.celery, self.settings, job_id, attempt)
+        enqueue(self.celery, self.settings, job_id, attempt, self.store.job_queue(job_id))
 
     def run(self) -> None:
         s = self.settings
@@ -195,10 +218,11 @@ class Maintenance(threading.Thread):
         while True:
             try:
                 if since_beat >= s.heartbeat_s:
-                    self.store.heartbeat(self.worker_name)
+                    self.store.heartbeat(self.worker_name, self.devices)
                     since_beat = 0.0
                 if since_reap >= s.reaper_interval_s:
                     reap_once(self.store, self._publish, republish_after_s=grace)
+                    release_held(self.store, self._publish, s.max_devices_per_key)
                     end_stale_processes(
                         self.store,
                         socket.gethostname(),

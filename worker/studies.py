@@ -45,6 +45,7 @@ from optuna.trial import TrialState as OptunaState
 from pydantic import ValidationError
 
 from mtl.config import TrainConfig
+from service.queue import routing
 from service.records import JobRecord, JobState
 from service.settings import Settings
 from service.store import CreateOutcome, JobStore, NewJob
@@ -84,7 +85,7 @@ class StudyDriver(threading.Thread):
         settings: Settings,
         jobs: JobStore,
         studies: StudyStore,
-        publish: Callable[[str, int], Any],
+        publish: Callable[[str, int, str | None], Any],
         *,
         poll_s: float = 0.25,
         lease_ms: int = 10_000,
@@ -469,11 +470,13 @@ class StudyDriver(threading.Thread):
                     idempotency_key=self.jobs.keys.study_job(record.id, f"{trial.number}:{k}"),
                     idempotency_ttl_s=STUDY_JOB_TTL_S,
                     fields={"study_id": record.id, "trial": trial.number},
+                    **routing(self.settings, config.devices),
                 )
             )
             assert created.job_id is not None
-            if created.outcome is CreateOutcome.CREATED:
-                self.publish(created.job_id, 1)
+            new = created.record if created.outcome is CreateOutcome.CREATED else None
+            if new is not None and not new.held:  # held: the reaper sends it when there is room
+                self.publish(created.job_id, 1, new.queue)
                 self.jobs.mark_published(created.job_id, 1)
             jobs.append(created.job_id)
         trial.jobs = jobs

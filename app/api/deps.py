@@ -20,7 +20,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import error_response
 from app.api.schemas import JobCreate
-from app.api.validation import check_budget, check_model_name, check_sources, parse_job_body
+from app.api.validation import (
+    check_budget,
+    check_devices,
+    check_model_name,
+    check_sources,
+    parse_job_body,
+)
 from app.core.errors import BadRequest, NotFound, Unauthorized
 from app.core.predictors import PredictorCache
 from service.async_store import AsyncJobStore
@@ -197,14 +203,19 @@ JobDep = Annotated[JobRecord, Depends(get_job)]
 
 
 async def valid_job(
-    request: Request, owner: OwnerDep, datasets: DatasetStoreDep, settings: SettingsDep
+    request: Request,
+    owner: OwnerDep,
+    datasets: DatasetStoreDep,
+    jobs: JobStoreDep,
+    settings: SettingsDep,
 ) -> JobCreate:
     """The job in the request body, validated once: parsed strictly into the config type,
-    its model name allowed, its size within the limits, the datasets it names owned and their
-    contents fit for it."""
+    its model name allowed, its size within the limits, a worker able to run it, the datasets
+    it names owned and their contents fit for it."""
     job = parse_job_body(await request.body(), request.headers.get("content-type"))
     check_model_name(job, settings)
     check_budget(job, settings)
+    await check_devices(job, settings, jobs)
     await check_sources(job, owner, datasets, settings)
     return job
 

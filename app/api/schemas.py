@@ -26,6 +26,7 @@ from service.records import (
     FinalScores,
     JobState,
     LatestScores,
+    Priority,
 )
 from service.studies.records import StudyRecord, StudyState, TrialRecord
 
@@ -125,9 +126,19 @@ def example_job() -> dict[str, Any]:
 
 
 class JobCreate(TrainConfig):
-    """The training config (the same schema `mtl train` reads), plus an optional `name`."""
+    """The training config (the same schema `mtl train` reads), plus an optional `name` and
+    the job's `priority` (neither is part of the config the worker trains with)."""
 
     name: str | None = Field(None, max_length=200, description="a label for people")
+    priority: Priority = Field(
+        "normal",
+        description="high jobs start before normal ones, normal before low (among the jobs "
+        "waiting for the same workers); a running job is never interrupted",
+    )
+
+    def train_config_json(self) -> str:
+        """The training config alone, as the worker reads it."""
+        return self.model_dump_json(exclude={"name", "priority"})
 
 
 class Links(BaseModel):
@@ -157,6 +168,11 @@ class JobOut(BaseModel):
     max_attempts: int
     restarts: int = 0
     queue_position: int | None = Field(None, description="1 = next to start (while queued)")
+    queued_reason: str | None = Field(
+        None, description="why it has not started yet (while queued): workers, limits, its place"
+    )
+    priority: Priority = "normal"
+    devices: int = Field(1, description="the devices it trains on")
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None

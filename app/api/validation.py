@@ -24,13 +24,16 @@ from mtl.budget import GIB, encoder_shape, estimate
 from mtl.config import FileData, TrainConfig
 from mtl.datafiles.reading import is_valid_unicode
 from mtl.errors import DataError
+from service.async_store import AsyncJobStore
 from service.configs import parse_strict
 from service.datasets import AsyncDatasetStore, parse_source, resolver
+from service.queue import device_refusal
 from service.settings import Settings
 
 __all__ = [
     "body_openapi",
     "check_budget",
+    "check_devices",
     "check_model_name",
     "check_sources",
     "job_body_openapi",
@@ -194,6 +197,15 @@ def check_model_name(config: TrainConfig, settings: Settings) -> None:
             f"model not allowed here; allowed: {', '.join(settings.allowed_models)}",
             loc,
         )
+
+
+async def check_devices(config: TrainConfig, settings: Settings, jobs: AsyncJobStore) -> None:
+    """A job that needs more devices than any live worker has (or than an API key may hold)
+    could never run: refused now rather than queued for ever."""
+    workers = await jobs.worker_devices(within_s=3 * settings.heartbeat_s)
+    refusal = device_refusal(config.devices, workers, settings.max_devices_per_key)
+    if refusal:
+        raise Invalid(refusal, ["body", "devices"])
 
 
 def check_budget(config: TrainConfig, settings: Settings) -> None:

@@ -195,7 +195,7 @@ function jobsPage(signal) {
           h("td", {}, h("a", { href: `#/jobs/${job.id}` }, job.id)),
           h("td", {}, job.name || ""),
           h("td", {}, h("span", { class: `state ${job.state}` }, job.state),
-            job.queue_position ? h("div", { class: "muted" }, `queue #${job.queue_position}`) : null),
+            job.queue_position ? h("div", { class: "muted", title: job.queued_reason || "" }, `queue #${job.queue_position}`) : null),
           progressCell(job),
           h("td", {}, latestSummary(job)))));
       if (!page.items.length) body.append(h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No jobs yet.")));

@@ -1,8 +1,8 @@
 -- KEYS: job, lease, active, queued, queue_seq, events
 -- ARGV: id, now, maxlen, stream_ttl, owner_prefix
--- requires: lib.lua (set_state, state_event)
+-- requires: lib.lua (set_state, state_event, queue_score)
 local rec = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'max_attempts', 'step',
-                       'checkpoint_step')
+                       'checkpoint_step', 'band')
 local state = rec[1]
 if not state then redis.call('SREM', KEYS[3], ARGV[1]) return {'gone', ''} end
 if state ~= 'running' and state ~= 'cancelling' then
@@ -31,7 +31,7 @@ if attempt >= max_attempts then
   return {'failed', ''}
 end
 local next_attempt = attempt + 1
-local seq = redis.call('INCR', KEYS[5])
+local seq = queue_score(rec[6], redis.call('INCR', KEYS[5]))
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 set_state(KEYS[1], ARGV[5], ARGV[1], state, 'queued', ARGV[2])
 redis.call('HSET', KEYS[1], 'attempt', next_attempt, 'queued_at', ARGV[2], 'published', '0')

@@ -94,6 +94,7 @@ def service_env(redis_server: RedisServer, service_dir: Path) -> dict[str, str]:
         "MTL_MAX_UPLOAD_BYTES": "200000",
         "MTL_TORCH_THREADS": "1",
         "MTL_QUEUE_NAME": "mtl-test",
+        "MTL_WORKER_DEVICES": "2",  # test_devices: 2-process jobs (gloo) on this CPU
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
     }

@@ -441,7 +441,7 @@ def test_disk_full_on_checkpoint_fails_cleanly_and_keeps_the_old_checkpoint(
     env = {**os.environ, **stack.env, "PYTHONPATH": str(REPO_ROOT), "JOBS_DIR": str(jobs_dir)}
     mount = 'mount -t tmpfs -o size=64m tmpfs "$JOBS_DIR" && exec "$@"'
     cmd = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, "sh",
-           *worker_command(queue=stack.env["MTL_QUEUE_NAME"], name="small-disk@%h")]  # fmt: skip
+           *worker_command(name="small-disk@%h")]  # fmt: skip
     with open(tmp_path / "worker.log", "ab") as log:
         proc = subprocess.Popen(
             cmd, env=env, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=log,

@@ -144,9 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             )  # fmt: skip
         worker_log = root / "worker.log"
         with open(worker_log, "ab") as log:
-            worker = subprocess_popen(
-                worker_command(queue=QUEUE, name="remote@%h"), worker_env, log
-            )
+            worker = subprocess_popen(worker_command(name="remote@%h"), worker_env, log)
         client = redis.Redis.from_url(server.url, decode_responses=True)
         try:
             url = f"http://127.0.0.1:{port}"
@@ -386,7 +384,7 @@ def _store_host(store: Host, tmp_path: Path, processes: list[Any]) -> tuple[str,
 
 
 def _worker(host: Host, env: dict[str, str], log: Path, client: redis.Redis) -> Any:
-    process = host.popen(worker_command(queue=QUEUE, name=f"{host.name}@%h"), env=env, log=log,
+    process = host.popen(worker_command(name=f"{host.name}@%h"), env=env, log=log,
                          cwd=REPO_ROOT)  # fmt: skip
     _wait_worker(client, process, log)
     return process

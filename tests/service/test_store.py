@@ -479,3 +479,51 @@ def test_stale_training_processes_are_killed_after_the_grace(
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_priority_bands_order_the_queue_and_survive_a_requeue(
+    redis_server: RedisServer, store: JobStore, sync_client: redis.Redis
+) -> None:
+    """High before normal before low, first come first served within a band; a job re-queued
+    after a lost worker keeps its band (it goes behind the jobs of its band)."""
+    url = redis_server.url
+    ids = {p: create(url, priority=p)[1] for p in ("low", "normal", "high")}
+    later_normal = create(url)[1]
+    order = sync_client.zrange(Keys(PREFIX).queued, 0, -1)
+    assert order == [ids["high"], ids["normal"], later_normal, ids["low"]]
+    assert store.begin(Lease(ids["high"], 1, "w1"), 50).outcome is BeginOutcome.STARTED
+    time.sleep(0.1)
+    assert reap_once(store, lambda j, a: None).requeued == [(ids["high"], 2)]
+    order = sync_client.zrange(Keys(PREFIX).queued, 0, -1)
+    assert order == [ids["high"], ids["normal"], later_normal, ids["low"]]
+
+
+def test_jobs_over_a_keys_device_limit_are_held_then_released_in_order(
+    redis_server: RedisServer, store: JobStore
+) -> None:
+    """With 3 devices per key: alice's 2-device job is sent; her next 2-device job is held and
+    so is her 1-device job behind it (her jobs keep their order); bob is not held back. When
+    alice's first job ends, one release pass sends both."""
+    url = redis_server.url
+
+    def new(owner: str, devices: int) -> str:
+        job_id = create(url, owner=owner, devices=devices, max_devices=3, queue=f"q.d{devices}")[1]
+        return job_id
+
+    first, second, third = new("alice", 2), new("alice", 2), new("alice", 1)
+    other = new("bob", 2)
+    held = {j: store.get(j).held for j in (first, second, third, other)}  # type: ignore[union-attr]
+    assert held == {first: False, second: True, third: True, other: False}
+    assert store.unpublished(older_than_s=-1) == [(first, 1), (other, 1)]  # never the held ones
+    assert store.release_held(3) == []  # alice still holds 2 of 3
+    assert store.begin(Lease(first, 1, "w1"), 5000).outcome is BeginOutcome.STARTED
+    assert store.release_held(3) == []
+    assert store.finish(Lease(first, 1, "w1"), JobState.SUCCEEDED)
+    assert store.release_held(3) == [(second, 1, "q.d2"), (third, 1, "q.d1")]
+    assert store.get(second).held is False  # type: ignore[union-attr]
+    assert store.release_held(3) == []
+    # a held job that is cancelled leaves the index
+    fourth, fifth = new("bob", 2), new("bob", 1)
+    assert store.cancel(fourth) is JobState.CANCELLED
+    assert store.release_held(0) == [(fifth, 1, "q.d1")]  # no limit any more: all go
+    assert store.redis.zcard(Keys(PREFIX).held) == 0

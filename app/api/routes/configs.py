@@ -60,4 +60,5 @@ async def examples(owner: OwnerDep) -> list[Example]:
 )
 async def validate(job: ValidJobDep) -> Validated:
     """The same checks as `POST /v1/jobs` (one dependency), without queueing."""
-    return Validated(tasks=job.task_names, config=job.model_dump(mode="json", exclude={"name"}))
+    config = job.model_dump(mode="json", exclude={"name", "priority"})
+    return Validated(tasks=job.task_names, config=config)

@@ -49,9 +49,16 @@ from app.api.validation import job_body_openapi
 from app.core.errors import Conflict, NotFound, TooManyJobs
 from app.core.events import HubRegistry, server_sent_events
 from app.core.models import delete_job_files, model_download, predict_texts
-from service.async_store import CancelOutcome, CreateOutcome, DeleteOutcome, NewJob
-from service.queue import enqueue
+from service.async_store import (
+    AsyncJobStore,
+    CancelOutcome,
+    CreateOutcome,
+    DeleteOutcome,
+    NewJob,
+)
+from service.queue import enqueue, queued_reason, routing
 from service.records import Event, EventType, JobRecord, JobState
+from service.settings import Settings
 from service.storage import Storage, archive_dir, job_key
 
 __all__ = ["router"]
@@ -79,8 +86,9 @@ def _links(job_id: str) -> Links:
     )
 
 
-def job_out(record: JobRecord, position: int | None = None) -> JobOut:
+def job_out(record: JobRecord, position: int | None = None, reason: str | None = None) -> JobOut:
     total, step = record.total_steps, record.step
+    queued = record.state is JobState.QUEUED
     return JobOut(
         id=record.id,
         name=record.name,
@@ -88,7 +96,10 @@ def job_out(record: JobRecord, position: int | None = None) -> JobOut:
         attempt=record.attempt,
         max_attempts=record.max_attempts,
         restarts=record.restarts,
-        queue_position=position if record.state is JobState.QUEUED else None,
+        queue_position=position if queued else None,
+        queued_reason=reason if queued else None,
+        priority=record.priority,
+        devices=record.devices,
         created_at=record.created_at,
         started_at=record.started_at,
         finished_at=record.finished_at,
@@ -112,6 +123,24 @@ def job_out(record: JobRecord, position: int | None = None) -> JobOut:
         trial=record.trial,
         links=_links(record.id),
     )
+
+
+async def _reasons(
+    jobs: AsyncJobStore, settings: Settings, records: list[JobRecord]
+) -> tuple[dict[str, int | None], dict[str, str]]:
+    """The queue positions and `queued_reason`s of the queued ones among `records`."""
+    queued = [r for r in records if r.state is JobState.QUEUED]
+    if not queued:
+        return {}, {}
+    positions = await jobs.queue_positions(r.id for r in queued)
+    workers = await jobs.worker_devices(within_s=3 * settings.heartbeat_s)
+    reasons = {
+        r.id: queued_reason(
+            r.devices, r.held, positions.get(r.id), workers, settings.max_devices_per_key
+        )
+        for r in queued
+    }
+    return positions, reasons
 
 
 def _fingerprint(body: JobCreate) -> str:
@@ -175,11 +204,12 @@ async def submit_job(
         NewJob(
             owner=owner,
             name=body.name,
-            config_json=body.model_dump_json(exclude={"name"}),
+            config_json=body.train_config_json(),
             max_attempts=settings.max_restarts + 1,
             idempotency_key=jobs.keys.idempotency(owner, key) if key else None,
             fingerprint=_fingerprint(body),
             max_active=settings.max_active_jobs_per_key,
+            **routing(settings, body.devices, body.priority),
         )
     )
     if created.outcome is CreateOutcome.CONFLICT:
@@ -194,21 +224,26 @@ async def submit_job(
     if record is None:  # an idempotent replay of a job deleted since
         raise NotFound(f"job {created.job_id} not found")
     job_id = record.id
-    if created.outcome is CreateOutcome.CREATED:
+    if created.outcome is CreateOutcome.CREATED and not record.held:
         try:
             # one dedicated publisher thread: a pool of threads contending for the GIL with
             # the event loop shows up as tail latency
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(
-                request.app.state.publisher, enqueue, celery, settings, job_id, 1
+                request.app.state.publisher, enqueue, celery, settings, job_id, 1, record.queue
             )
             await jobs.mark_published(job_id, 1)
         except Exception:  # the record is safe; the reaper publishes unconfirmed messages
             log.exception("job %s: publishing failed; the reaper will retry", job_id)
-    else:
+    elif created.outcome is not CreateOutcome.CREATED:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return job_out(record, created.position)
+    reason = None
+    if record.state is JobState.QUEUED:
+        workers = await jobs.worker_devices(within_s=3 * settings.heartbeat_s)
+        reason = queued_reason(record.devices, record.held, created.position, workers,
+                               settings.max_devices_per_key)  # fmt: skip
+    return job_out(record, created.position, reason)
 
 
 @router.get("", response_model=JobList, summary="List jobs (newest first)")
@@ -223,12 +258,12 @@ async def list_jobs(
 ) -> JobList:
     limit = min(limit, settings.page_size_max)
     records, total = await jobs.page(owner, state, offset, limit)
-    positions = await jobs.queue_positions(r.id for r in records if r.state is JobState.QUEUED)
+    positions, reasons = await _reasons(jobs, settings, records)
     nxt = None
     if offset + limit < total:
         nxt = str(request.url.include_query_params(offset=offset + limit, limit=limit))
     return JobList(
-        items=[job_out(r, positions.get(r.id)) for r in records],
+        items=[job_out(r, positions.get(r.id), reasons.get(r.id)) for r in records],
         total=total,
         offset=offset,
         limit=limit,
@@ -242,11 +277,9 @@ async def list_jobs(
     summary="A job's state, progress and metrics",
     responses=error_responses(404),
 )
-async def get_job(job: JobDep, jobs: JobStoreDep) -> JobOut:
-    position = None
-    if job.state is JobState.QUEUED:
-        position = (await jobs.queue_positions([job.id])).get(job.id)
-    return job_out(job, position)
+async def get_job(job: JobDep, jobs: JobStoreDep, settings: SettingsDep) -> JobOut:
+    positions, reasons = await _reasons(jobs, settings, [job])
+    return job_out(job, positions.get(job.id), reasons.get(job.id))
 
 
 @router.get("/{job_id}/config", summary="The job's training config", responses=error_responses(404))
