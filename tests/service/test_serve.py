@@ -273,9 +273,12 @@ def test_a_killed_redis_is_restarted_with_its_aof(served: Served) -> None:
         db = served.db()  # the same port and password
         assert db.hget(Keys("mtl").job(job_id), "attempt") == "1"  # the record, from the AOF
         db.close()
+        # the supervisor logs "is back" after its start() returns, which may be just after the
+        # new server first answers /readyz
+        back = f"redis-server is back (pid {new}"
+        wait_until(lambda: back in served.log_text(), "the supervisor's 'is back' line", 10)
         log = served.log_text()
         assert f"redis-server (pid {old}) was killed by signal 9" in log, log[-3000:]
-        assert f"redis-server is back (pid {new}" in log, log[-3000:]
 
         final = wait_for(client, job_id, TERMINAL, timeout=120)
         assert (final["state"], final["attempt"], final["restarts"]) == ("succeeded", 1, 0), final
