@@ -170,6 +170,13 @@ class Settings(BaseSettings):
         "up its lease and exits, and the job is re-queued as after a lost worker; 0: never",
     )
     reaper_interval_s: float = Field(default=5.0, gt=0)
+    republish_after_s: float = Field(
+        default=30.0,
+        ge=1,
+        description="a queued attempt whose message was never confirmed sent, or has been "
+        "missing from the broker (taken by a worker that died before starting it) for this "
+        "long, is published again (at least the lease)",
+    )
     study_poll_s: float = Field(
         default=0.25,
         gt=0,

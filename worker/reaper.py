@@ -213,7 +213,7 @@ class Maintenance(threading.Thread):
     def run(self) -> None:
         s = self.settings
         tick = min(s.heartbeat_s, s.reaper_interval_s)
-        grace = max(30.0, s.lease_ttl_s)
+        grace = max(s.republish_after_s, s.lease_ttl_s)
         since_beat = since_reap = since_lost = float("inf")
         while True:
             try:

@@ -90,6 +90,7 @@ def service_env(redis_server: RedisServer, service_dir: Path) -> dict[str, str]:
         "MTL_CANCEL_POLL_S": "0.2",
         "MTL_REAPER_INTERVAL_S": "0.5",
         "MTL_HEARTBEAT_S": "0.5",
+        "MTL_REPUBLISH_AFTER_S": "15",  # lost messages: 15 s, not 30 (test_faults)
         "MTL_SSE_KEEPALIVE_S": "1",
         "MTL_MAX_UPLOAD_BYTES": "200000",
         "MTL_TORCH_THREADS": "1",

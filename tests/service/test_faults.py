@@ -369,7 +369,7 @@ def test_a_lost_message_is_found_and_its_job_runs(
     assert wait_for(client, probe_id, TERMINAL, timeout=60)["state"] == "succeeded"
     lost = client.get(f"/v1/jobs/{queued_id}").json()
     assert lost["state"] == "queued" and lost["started_at"] is None, lost
-    assert "its message is lost" not in healthy_worker.log_text()  # not yet: 30 s grace
+    assert "its message is lost" not in healthy_worker.log_text()  # not yet: 15 s grace
 
     final = wait_for(client, queued_id, TERMINAL, timeout=120)
     assert final["state"] == "succeeded", final
