@@ -320,7 +320,7 @@ def test_redis_stalled_api_answers_503_quickly_and_training_goes_on(
     API's Redis timeout (not a hang), `/healthz` still answers, the training run waits and
     then goes on under the same attempt, and a submit cut off by the stall does not turn
     into several jobs."""
-    total, every = 300, 50
+    total, every = 150, 50
     job_id = submit(sc, long_config(steps=total, checkpoint_every=every))["id"]
     follower = Follower(stack.api.url, job_id)
     follower.start()
