@@ -20,6 +20,7 @@ Older checkpoints that neither pointer names are removed after each save.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -102,6 +103,14 @@ class LoadedCheckpoint:
     tensors: dict[str, dict[str, torch.Tensor]]
 
 
+def _disk_full(folder: Path) -> bool:
+    """Less than a MiB left where `folder` lives (a write that failed there ran out of room)."""
+    try:
+        return shutil.disk_usage(folder).free < 1024 * 1024
+    except OSError:
+        return False
+
+
 class Checkpointer:
     """Saves and finds checkpoints under one directory."""
 
@@ -163,8 +172,11 @@ class Checkpointer:
         except (OSError, RuntimeError, SafetensorError) as exc:
             # Disk full, quota, I/O error (safetensors and torch.save wrap ENOSPC in their own
             # errors): the previous checkpoint and the pointers stay as they were.
-            shutil.rmtree(tmp, ignore_errors=True)
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if not isinstance(exc, OSError) and _disk_full(self.dir):
+                # torch's zip writer may report a full disk as "unexpected pos 64 vs 0"
+                reason = f"{os.strerror(errno.ENOSPC)} ({reason})"
+            shutil.rmtree(tmp, ignore_errors=True)
             raise TrainingError(f"cannot write checkpoint {name} in {self.dir}: {reason}") from exc
         self._prune()
         return final
