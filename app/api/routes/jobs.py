@@ -126,13 +126,18 @@ def job_out(record: JobRecord, position: int | None = None, reason: str | None =
 
 
 async def _reasons(
-    jobs: AsyncJobStore, settings: Settings, records: list[JobRecord]
+    jobs: AsyncJobStore,
+    settings: Settings,
+    records: list[JobRecord],
+    positions: dict[str, int | None] | None = None,
 ) -> tuple[dict[str, int | None], dict[str, str]]:
-    """The queue positions and `queued_reason`s of the queued ones among `records`."""
+    """The queue positions (looked up unless given) and `queued_reason`s of the queued ones
+    among `records`."""
     queued = [r for r in records if r.state is JobState.QUEUED]
     if not queued:
         return {}, {}
-    positions = await jobs.queue_positions(r.id for r in queued)
+    if positions is None:
+        positions = await jobs.queue_positions(r.id for r in queued)
     workers = await jobs.worker_devices(within_s=3 * settings.heartbeat_s)
     reasons = {
         r.id: queued_reason(
@@ -238,12 +243,8 @@ async def submit_job(
     elif created.outcome is not CreateOutcome.CREATED:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job_id}"
-    reason = None
-    if record.state is JobState.QUEUED:
-        workers = await jobs.worker_devices(within_s=3 * settings.heartbeat_s)
-        reason = queued_reason(record.devices, record.held, created.position, workers,
-                               settings.max_devices_per_key)  # fmt: skip
-    return job_out(record, created.position, reason)
+    _, reasons = await _reasons(jobs, settings, [record], {job_id: created.position})
+    return job_out(record, created.position, reasons.get(job_id))
 
 
 @router.get("", response_model=JobList, summary="List jobs (newest first)")
