@@ -33,18 +33,12 @@ __all__ = [
     "job_queue",
     "make_celery",
     "message_attempt",
-    "priority_band",
     "queued_reason",
     "routing",
     "worker_queues",
 ]
 
 TASK_NAME = "mtl.run_job"
-
-
-def priority_band(priority: str) -> int:
-    """0 for high, 1 normal, 2 low: the band of the job's place in the queue order."""
-    return PRIORITIES.index(priority)
 
 
 def job_queue(base: str, devices: int = 1, priority: str = "normal") -> str:

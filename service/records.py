@@ -45,7 +45,7 @@ __all__ = [
 
 
 Priority = Literal["high", "normal", "low"]
-#: in the order workers take them (service/queue.py)
+#: in the order workers take them (service/queue.py; service/lua/lib.lua ranks them alike)
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 
 
@@ -127,7 +127,7 @@ _FLOATS = (
 )  # fmt: skip
 _INTS = (
     "attempt", "max_attempts", "step", "total_steps", "epoch", "checkpoint_step", "restarts",
-    "published", "created_ms", "trial", "devices", "band",
+    "published", "created_ms", "trial", "devices",
 )  # fmt: skip
 _JSON = ("latest", "best", "final_metrics")
 _FLAGS = ("cancel", "model", "held")
@@ -159,7 +159,6 @@ class JobRecord(BaseModel):
     trial: int | None = Field(None, description="its trial number in that study")
     # routing (service.queue)
     priority: Priority = "normal"
-    band: int = Field(1, description="the priority's band in the queue order (0: high)")
     devices: int = Field(1, description="the devices the job trains on (its config's)")
     queue: str | None = Field(None, description="its Celery queue; None: the base queue")
     held: bool = Field(

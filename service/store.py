@@ -159,20 +159,17 @@ class NewJob:
     max_devices: int = 0  # the owner's device limit (0: none); over it the job is held
 
     def script_call(self, keys: Keys, maxlen: int, idem_ttl: int) -> tuple[list[str], list[Any]]:
-        from service.queue import priority_band
-
         job_id = new_job_id()
         now = time.time()
         idem = self.idempotency_key or keys.job(job_id)
-        routing = {"priority": self.priority, "queue": self.queue or ""}
         return (
             [keys.job(job_id), keys.config(job_id), keys.events(job_id), keys.queued,
              keys.queue_seq, keys.owner_jobs(self.owner), idem, keys.held],
             [job_id, self.owner, self.name or "", self.config_json, now, self.max_attempts,
              self.fingerprint, self.idempotency_ttl_s or idem_ttl, maxlen, int(now * 1000),
              "1" if self.idempotency_key else "0", keys.owner_jobs_prefix(self.owner),
-             keys.job(""), self.max_active, priority_band(self.priority), self.devices,
-             self.max_devices, *flatten(routing), *flatten(self.fields)],
+             keys.job(""), self.max_active, self.priority, self.devices, self.max_devices,
+             "queue", self.queue or "", *flatten(self.fields)],
         )  # fmt: skip
 
     @staticmethod

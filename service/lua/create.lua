@@ -1,7 +1,7 @@
 -- KEYS: job, config, events, queued, queue_seq, owner_jobs, idem, held
 -- ARGV: id, owner, name, config_json, now, max_attempts, fingerprint, idem_ttl, maxlen,
 -- created_ms, use_idem, owner_prefix, job key prefix, max_active (0: no limit),
--- band (priority), devices, max_devices (the owner's device limit; 0: none),
+-- priority, devices, max_devices (the owner's device limit; 0: none),
 -- then field/value pairs written to the new record (e.g. study_id, trial, queue)
 -- requires: lib.lua (set_state, state_event, devices_in_use, queue_score)
 local function answer(status, id)
@@ -38,7 +38,7 @@ local seq = queue_score(ARGV[15], redis.call('INCR', KEYS[5]))
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'owner', ARGV[2], 'name', ARGV[3], 'state', 'queued',
   'attempt', '1', 'max_attempts', ARGV[6], 'restarts', '0', 'created_at', ARGV[5],
   'updated_at', ARGV[5], 'queued_at', ARGV[5], 'created_ms', ARGV[10], 'step', '0',
-  'published', '0', 'band', ARGV[15], 'devices', ARGV[16], 'held', held)
+  'published', '0', 'priority', ARGV[15], 'devices', ARGV[16], 'held', held)
 if ARGV[11] == '1' then
   redis.call('HSET', KEYS[1], 'idem_key', KEYS[7])
   redis.call('SET', KEYS[7], ARGV[1] .. ' ' .. ARGV[7], 'EX', ARGV[8])

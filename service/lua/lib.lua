@@ -22,7 +22,9 @@ local function devices_in_use(owner_prefix, job_prefix)
   end
   return total, held
 end
--- A job's place in the queue order: its priority band, then first come first served.
-local function queue_score(band, seq)
-  return (tonumber(band) or 1) * 10000000000000 + seq
+-- A job's place in the queue order: its priority's band (high, normal, low: service/queue.py),
+-- then first come first served.
+local PRIORITY_BANDS = {high = 0, normal = 1, low = 2}
+local function queue_score(priority, seq)
+  return (PRIORITY_BANDS[priority] or 1) * 10000000000000 + seq
 end

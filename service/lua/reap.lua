@@ -2,7 +2,7 @@
 -- ARGV: id, now, maxlen, stream_ttl, owner_prefix
 -- requires: lib.lua (set_state, state_event, queue_score)
 local rec = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'max_attempts', 'step',
-                       'checkpoint_step', 'band')
+                       'checkpoint_step', 'priority')
 local state = rec[1]
 if not state then redis.call('SREM', KEYS[3], ARGV[1]) return {'gone', ''} end
 if state ~= 'running' and state ~= 'cancelling' then
